@@ -1,0 +1,11 @@
+"""Shared code of the LOSSGRAD companion notebooks.
+
+- ``companion.data``: datasets (real, with download; synthetic stand-ins for the smoke profile)
+- ``companion.models``: the paper's networks
+- ``companion.baselines``: WNGrad, L4, SGD schedules, and ``make_optimizer``
+- ``companion.train``: the training loop, tasks, run store (resume, skip finished runs)
+- ``companion.report``: figures and tables with the paper's numbers beside ours
+- ``companion.profiles``: smoke / quick / paper, and where each one's outputs go
+"""
+
+from . import baselines, data, models, profiles, report, train  # noqa: F401

@@ -1,0 +1,85 @@
+"""Profiles (smoke, quick, paper) and where each one's outputs go.
+
+A notebook's tagged ``parameters`` cell holds ``profile`` and ``overrides``; the cell after it
+states the paper's settings and what each other profile changes, and calls :func:`resolve`.
+
+Outputs, so that nothing made from smoke or synthetic data lands where real results live:
+
+======================  =====================================  ==============================
+run                     figures and tables                     executed notebook (run_all.sh)
+======================  =====================================  ==============================
+paper                   ``figures/``                           ``notebooks/`` (in place)
+quick                   ``figures/quick/``                     ``figures/quick/``
+smoke                   ``runs/smoke/figures/``                ``runs/smoke/notebooks/``
+any profile + overrides ``runs/custom/figures/``               ``runs/custom/notebooks/``
+======================  =====================================  ==============================
+
+Per-run results (``.pt``) and checkpoints live under ``runs/<profile>/<notebook>/``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parent.parent
+PROFILES = ("smoke", "quick", "paper")
+
+
+def runs_dir() -> Path:
+    """Root of per-run results and checkpoints (env ``LOSSGRAD_RUNS`` moves it, as the tests do)."""
+    return Path(os.environ.get("LOSSGRAD_RUNS", REPO / "runs"))
+
+
+def figures_dir(profile: str, overrides: dict | None = None) -> Path:
+    """Where a notebook run with this profile writes its figures and tables (see the module table)."""
+    _check_profile(profile)
+    if overrides:
+        path = runs_dir() / "custom" / "figures"
+    elif profile == "paper":
+        path = REPO / "figures"
+    elif profile == "quick":
+        path = REPO / "figures" / "quick"
+    else:
+        path = runs_dir() / "smoke" / "figures"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def results_tag(profile: str, overrides: dict | None = None) -> str:
+    """Folder name under runs/ for per-run results: the profile, or 'custom' when overridden."""
+    _check_profile(profile)
+    return "custom" if overrides else profile
+
+
+class Settings(SimpleNamespace):
+    """The resolved settings of a notebook run; ``changed`` lists what differs from the paper's."""
+
+    def __repr__(self) -> str:
+        rows = [f"  {k} = {v!r}" + ("   # changed from the paper's" if k in self.changed else "")
+                for k, v in vars(self).items() if k not in ("changed", "profile", "overrides")]
+        return f"Settings(profile={self.profile!r}, overrides={self.overrides!r})\n" + "\n".join(rows)
+
+
+def resolve(profile: str, overrides: dict | None, *, paper: dict, quick: dict, smoke: dict) -> Settings:
+    """The paper's settings, then the profile's changes, then ``overrides`` (which win).
+
+    Every name in ``quick``, ``smoke`` and ``overrides`` must exist in ``paper``: a typo is an
+    error, not a silently ignored setting."""
+    _check_profile(profile)
+    overrides = dict(overrides or {})
+    for label, changes in (("quick", quick), ("smoke", smoke), ("overrides", overrides)):
+        unknown = sorted(set(changes) - set(paper))
+        if unknown:
+            raise ValueError(f"{label} sets unknown setting(s) {unknown}; known settings: {sorted(paper)}")
+    values = dict(paper)
+    values.update({"paper": {}, "quick": quick, "smoke": smoke}[profile])
+    values.update(overrides)
+    changed = sorted(k for k in values if values[k] != paper[k])
+    return Settings(profile=profile, overrides=overrides, changed=changed, **values)
+
+
+def _check_profile(profile: str) -> None:
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")

@@ -1,0 +1,344 @@
+"""One training loop for every optimizer of the companion, and the run store that makes reruns cheap.
+
+* :func:`fit` trains a model for a number of epochs with any optimizer (``LossGrad`` through
+  its closure, so its probe sees the same dropout masks; L4 with the batch loss; the rest with a
+  plain ``step()``), logs the loss and the step size of every step, evaluates train and test
+  metrics after every epoch, shows a progress bar, and checkpoints after every epoch so that a
+  killed run resumes where it stopped, bit for bit on the CPU.
+* :class:`RunStore` writes each finished run to disk at once and skips it on a rerun.
+* :func:`run` ties both together: seed, model, optimizer, fit, result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lossgrad import LossGrad
+
+from . import profiles
+from .baselines import make_optimizer
+
+Batch = tuple  # a tuple of tensors sharing their first dimension
+
+
+# ------------------------------------------------------------------- basics
+def pick_device(device: Optional[str] = None) -> torch.device:
+    """``device`` if given, else CUDA when available, else the CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds torch's CPU and CUDA generators; on the CPU, runs are then deterministic."""
+    torch.manual_seed(seed)
+
+
+def batches(tensors: Batch, batch_size: int, generator: Optional[torch.Generator] = None):
+    """Mini-batches of in-memory tensors: shuffled with ``generator``, in order without it."""
+    n = len(tensors[0])
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for idx in order.split(batch_size):
+        yield tuple(t[idx] for t in tensors)
+
+
+# -------------------------------------------------------------------- tasks
+class Classification:
+    """Cross entropy on (inputs, labels); reports loss and accuracy."""
+
+    metrics = ("loss", "acc")
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    def evaluate(self, model: nn.Module, batch: Batch) -> dict:
+        x, y = batch
+        logits = model(x)
+        return {"loss": F.cross_entropy(logits, y, reduction="sum"), "acc": (logits.argmax(1) == y).sum()}
+
+
+class BinaryClassification:
+    """Binary cross entropy with logits on (inputs..., labels in {0, 1}); loss and accuracy."""
+
+    metrics = ("loss", "acc")
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        *inputs, y = batch
+        return F.binary_cross_entropy_with_logits(model(*inputs), y)
+
+    def evaluate(self, model: nn.Module, batch: Batch) -> dict:
+        *inputs, y = batch
+        logits = model(*inputs)
+        return {"loss": F.binary_cross_entropy_with_logits(logits, y, reduction="sum"),
+                "acc": ((logits > 0).to(y.dtype) == y).sum()}
+
+
+class Reconstruction:
+    """Mean squared error between the model's output and its input (batch = (images, ...)).
+
+    The loss is the mean over pixels and images, the MSE the paper's autoencoder table reports."""
+
+    metrics = ("loss",)
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        x = batch[0]
+        return F.mse_loss(model(x), x)
+
+    def evaluate(self, model: nn.Module, batch: Batch) -> dict:
+        x = batch[0]
+        per_image = F.mse_loss(model(x), x, reduction="none").flatten(1).mean(1)
+        return {"loss": per_image.sum()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task, data: Batch, device: torch.device, batch_size: int = 1000) -> dict:
+    """Metrics of ``task`` averaged over ``data`` with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    sums: dict = {}
+    for batch in batches(data, batch_size):
+        for k, v in task.evaluate(model, _to(batch, device)).items():
+            sums[k] = sums.get(k, 0) + v.double()
+    model.train(was_training)
+    return {k: float(v) / len(data[0]) for k, v in sums.items()}
+
+
+# --------------------------------------------------------------------- fit
+def step_size(optimizer: torch.optim.Optimizer):
+    """The step size the next step will use (a float, or a 0-dim tensor we must not sync on)."""
+    lr = optimizer.param_groups[0]["lr"]
+    return lr.detach().clone() if isinstance(lr, Tensor) else lr
+
+
+def train_step(model: nn.Module, optimizer, task, batch: Batch) -> Tensor:
+    """One optimizer step on ``batch``; returns the batch loss at the point before the step."""
+    optimizer.zero_grad(set_to_none=True)
+    closure = lambda: task.loss(model, batch)
+    if isinstance(optimizer, LossGrad):
+        return optimizer.step(closure).detach()
+    loss = closure()
+    loss.backward()
+    if "loss" in inspect.signature(optimizer.step).parameters:
+        optimizer.step(loss=loss.detach())
+    else:
+        optimizer.step()
+    return loss.detach()
+
+
+def fit(model: nn.Module, optimizer, task, train_data: Batch, test_data: Batch, *, epochs: int,
+        batch_size: int, device: torch.device, seed: int = 0, scheduler=None,
+        augment: Optional[Callable[[Batch, torch.Generator], Batch]] = None,
+        checkpoint: Optional[Path] = None, eval_train: bool = True, eval_batch_size: int = 1000,
+        progress: bool = True, desc: str = "") -> dict:
+    """Trains ``model`` and returns its history (see :func:`run` for the layout).
+
+    Epoch 0 in ``history['epochs']`` is the evaluation before training. A run whose loss
+    stops being finite is stopped and marked ``diverged``. With ``checkpoint``, the state is
+    saved after every epoch and a run that finds its checkpoint resumes from it."""
+    generator = torch.Generator().manual_seed(seed)  # data order and augmentation
+    history = {"epochs": [], "steps": {"loss": [], "lr": [], "ratio": []}, "diverged": False, "seconds": 0.0}
+    start_epoch = 1
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        history, start_epoch = state["history"], state["epoch"] + 1
+    else:
+        history["epochs"].append(_epoch_metrics(0, model, task, train_data, test_data, device,
+                                                eval_train, eval_batch_size, history))
+
+    n_batches = math.ceil(len(train_data[0]) / batch_size)
+    bar = _progress(total=epochs * n_batches, initial=(start_epoch - 1) * n_batches, desc=desc, enabled=progress)
+    model.train()
+    for epoch in range(start_epoch, epochs + 1):
+        if history["diverged"]:
+            break
+        tic = time.perf_counter()
+        losses, lrs, ratios = [], [], []
+        for batch in batches(train_data, batch_size, generator):
+            batch = _to(batch, device)
+            if augment is not None:
+                batch = augment(batch, generator)
+            lrs.append(step_size(optimizer))
+            losses.append(train_step(model, optimizer, task, batch))
+            if isinstance(optimizer, LossGrad):
+                ratios.append(optimizer.last["ratio"])
+            bar.update(1)
+        if scheduler is not None:
+            scheduler.step()
+        epoch_losses = torch.stack(losses).float().cpu()  # one sync per epoch
+        history["steps"]["loss"].append(epoch_losses)
+        history["steps"]["lr"].append(torch.tensor([float(v) for v in lrs], dtype=torch.float64))
+        if ratios:
+            history["steps"]["ratio"].append(torch.tensor([float(v) for v in ratios], dtype=torch.float64))
+        history["seconds"] += time.perf_counter() - tic
+        if not torch.isfinite(epoch_losses).all():
+            history["diverged"] = True
+        row = _epoch_metrics(epoch, model, task, train_data, test_data, device, eval_train, eval_batch_size, history)
+        history["epochs"].append(row)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("test_")}, refresh=False)
+        if checkpoint is not None:
+            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                          "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                          "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                          "history": history, "epoch": epoch}, Path(checkpoint))
+    bar.close()
+    steps = history["steps"]
+    history["steps"] = {k: torch.cat(v) if v else torch.empty(0) for k, v in steps.items()}
+    return history
+
+
+def _epoch_metrics(epoch, model, task, train_data, test_data, device, eval_train, eval_batch_size, history):
+    row = {"epoch": epoch, "seconds": history["seconds"]}
+    if eval_train:
+        row.update({f"train_{k}": v for k, v in evaluate(model, task, train_data, device, eval_batch_size).items()})
+    row.update({f"test_{k}": v for k, v in evaluate(model, task, test_data, device, eval_batch_size).items()})
+    return row
+
+
+# --------------------------------------------------------------- run store
+class RunStore:
+    """Finished runs of one notebook and profile, one file each, under ``runs/<tag>/<notebook>/``.
+
+    ``store.get(name, config, compute)`` returns the stored result when one with the same
+    config exists, else calls ``compute(checkpoint_path)``, writes its result, removes the
+    checkpoint and returns it."""
+
+    def __init__(self, notebook: str, profile: str, overrides: Optional[dict] = None, root: Optional[Path] = None):
+        self.dir = Path(root or profiles.runs_dir()) / profiles.results_tag(profile, overrides) / notebook
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        if not name or any(ch in name for ch in "/\\"):
+            raise ValueError(f"a run name must be a non-empty file name, got {name!r}")
+        return self.dir / f"{name}.pt"
+
+    def get(self, name: str, config: dict, compute: Callable[[Path], dict]) -> dict:
+        path, digest = self.path(name), config_digest(config)
+        if path.exists():
+            result = torch.load(path, weights_only=False)
+            if result.get("config_digest") == digest:
+                return result
+            print(f"{name}: its settings changed since it was stored; running it again")
+        checkpoint = path.with_suffix(f".{digest}.ckpt")
+        result = compute(checkpoint)
+        result.update(name=name, config=config, config_digest=digest)
+        _atomic_save(result, path)
+        checkpoint.unlink(missing_ok=True)
+        return result
+
+
+def config_digest(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------- run
+@dataclass
+class Experiment:
+    """What a notebook's runs share: data, task, model constructor, budget, device."""
+
+    notebook: str
+    profile: str
+    train_data: Batch
+    test_data: Batch
+    task: object
+    model_fn: Callable[[], nn.Module]
+    epochs: int
+    batch_size: int
+    device: torch.device
+    overrides: Optional[dict] = None
+    augment: Optional[Callable] = None
+    eval_train: bool = True
+    on_finish: Optional[Callable[[nn.Module], dict]] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        self.store = RunStore(self.notebook, self.profile, self.overrides)
+
+    def run(self, label: str, optimizer: str, seed: int, **options) -> dict:
+        """Train one (optimizer, options, seed) run, or load it if it already finished.
+
+        Returns ``dict(label, optimizer, options, seed, epochs=[per-epoch metrics],
+        steps=dict(loss, lr, ratio), diverged, seconds, device, torch, extra)``."""
+        config = dict(notebook=self.notebook, optimizer=optimizer, options=options, seed=seed, epochs=self.epochs,
+                      batch_size=self.batch_size, n_train=len(self.train_data[0]), model=self.model_fn.__name__)
+
+        def compute(checkpoint: Path) -> dict:
+            seed_everything(seed)
+            model = self.model_fn().to(self.device)
+            opt, scheduler = make_optimizer(optimizer, model.parameters(), epochs=self.epochs, **options)
+            history = fit(model, opt, self.task, self.train_data, self.test_data, epochs=self.epochs,
+                          batch_size=self.batch_size, device=self.device, seed=seed, scheduler=scheduler,
+                          augment=self.augment, checkpoint=checkpoint, eval_train=self.eval_train,
+                          progress=self.progress, desc=f"{label} seed {seed}")
+            extra = self.on_finish(model) if self.on_finish is not None else {}
+            return dict(history, extra=extra, device=device_name(self.device), torch=torch.__version__)
+
+        name = f"{_slug(label)}-seed{seed}"
+        result = self.store.get(name, config, compute)
+        result.update(label=label, optimizer=optimizer, options=options, seed=seed)
+        return result
+
+
+# ------------------------------------------------------------------ helpers
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+def _slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in label)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=False, mininterval=2.0)
+
+
+@torch.no_grad()
+def reconstruct(model: nn.Module, images: Tensor, device: torch.device) -> Tensor:
+    """The model's outputs for ``images`` in eval mode, on the CPU (for image grids)."""
+    was_training = model.training
+    model.eval()
+    out = model(images.to(device)).cpu()
+    model.train(was_training)
+    return out

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Executes the companion's numbered notebooks headlessly with papermill. ./run_all.sh --help
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/tools/env.sh"
+set +e  # go on past a failing notebook
+
+usage() {
+  cat <<'EOF'
+Usage: ./run_all.sh [--profile smoke|quick|paper] [-p NAME VALUE]... [NOTEBOOK...]
+
+Executes the numbered notebooks in notebooks/ in order with papermill, headless, and ends with a
+table (notebook, status, minutes, outputs). Set-up is automatic: the first run creates .venv,
+installs requirements.txt and registers the Jupyter kernel "lossgrad-companion".
+
+Profiles (each notebook's "parameters" cell takes `profile`; the cell after it says what it changes):
+  smoke   synthetic stand-in data, tiny sizes, CPU, seconds per notebook (what the tests run)
+  quick   real data, fewer epochs and seeds: a laptop CPU in about an hour for what it can get
+  paper   the paper's settings; meant for a GPU
+  Default: paper when CUDA is available, else quick.
+
+NOTEBOOK   a number or name prefix (03, 04_fmnist); default: every notebook.
+-p NAME VALUE
+           change one setting on top of the profile (VALUE is read as YAML: 5, 1e-3, [1, 2]);
+           such runs go to runs/custom/, never over real results.
+
+Outputs:
+  paper   figures and tables in figures/, the executed notebook in place in notebooks/
+  quick   figures, tables and executed notebooks in figures/quick/
+  smoke   runs/smoke/ (figures/ and notebooks/ are left untouched)
+  Per-run results: runs/<profile>/<notebook>/; a rerun skips finished runs, and a killed run
+  resumes from its last epoch. Logs: runs/<profile>/logs/.
+Exit status: 0 when every notebook ran, 1 when any failed.
+EOF
+}
+
+profile="" ; overrides=() ; selected=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --profile) [ $# -ge 2 ] || { echo "error: --profile needs a value (smoke, quick or paper)" >&2; exit 2; }
+               profile="$2"; shift 2 ;;
+    --profile=*) profile="${1#--profile=}"; shift ;;
+    -p) [ $# -ge 3 ] || { echo "error: -p needs NAME and VALUE, e.g. -p epochs 5" >&2; exit 2; }
+        overrides+=("$2: $3"); shift 3 ;;
+    -*) echo "error: unknown option $1 (see ./run_all.sh --help)" >&2; exit 2 ;;
+    *) selected+=("$1"); shift ;;
+  esac
+done
+
+ensure_env || exit 1
+cd "$REPO"
+
+if [ -z "$profile" ]; then
+  if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    profile=paper; echo "profile: paper (CUDA is available; --profile quick for the short version)"
+  else
+    profile=quick; echo "profile: quick (no CUDA here; --profile paper runs the paper's settings on the CPU, slowly)"
+  fi
+fi
+case "$profile" in smoke|quick|paper) ;; *) echo "error: --profile must be smoke, quick or paper, got '$profile'" >&2; exit 2 ;; esac
+
+notebooks=()
+for nb in notebooks/[0-9][0-9]_*.ipynb; do
+  [ -e "$nb" ] || continue
+  name="$(basename "$nb" .ipynb)"
+  if [ ${#selected[@]} -eq 0 ]; then notebooks+=("$nb"); continue; fi
+  for s in "${selected[@]}"; do
+    case "$name" in "$s"*) notebooks+=("$nb"); break ;; esac
+  done
+done
+if [ ${#notebooks[@]} -eq 0 ]; then
+  echo "error: no notebook matches '${selected[*]:-}'; available: $(ls notebooks/[0-9][0-9]_*.ipynb 2>/dev/null | xargs -n1 basename | tr '\n' ' ')" >&2
+  exit 2
+fi
+
+yaml="overrides: {}"
+tag="$profile"
+if [ ${#overrides[@]} -gt 0 ]; then
+  yaml="overrides: {$(IFS=,; echo "${overrides[*]}")}"
+  tag=custom
+fi
+runs="${LOSSGRAD_RUNS:-$REPO/runs}/$tag"
+mkdir -p "$runs/notebooks" "$runs/logs"
+
+rows=() ; failed=0 ; i=0
+for nb in "${notebooks[@]}"; do
+  i=$((i + 1)); name="$(basename "$nb" .ipynb)"
+  executed="$runs/notebooks/$name.ipynb" ; log="$runs/logs/$name.log"
+  echo "[$i/${#notebooks[@]}] $name (profile $profile${overrides:+, overrides: ${overrides[*]}})"
+  start=$(date +%s)
+  "$PY" -m papermill "$nb" "$executed" --cwd notebooks -k python3 -p profile "$profile" -y "$yaml" \
+      --progress-bar 2> >(tee "$log" >&2)
+  status=$?
+  minutes=$(awk -v s="$(( $(date +%s) - start ))" 'BEGIN { printf "%.1f", s / 60 }')
+  where="$executed"
+  if [ $status -eq 0 ] && [ "$tag" = paper ]; then
+    cp "$executed" "$nb"; where="$nb, figures/"
+  elif [ $status -eq 0 ] && [ "$tag" = quick ]; then
+    mkdir -p figures/quick; cp "$executed" "figures/quick/$name.ipynb"; where="figures/quick/"
+  fi
+  if [ $status -eq 0 ]; then state=ok; else state=FAILED; failed=1; where="$executed (log: $log)"; fi
+  rows+=("$name|$state|$minutes|$where")
+done
+
+echo
+printf '%-28s %-7s %8s  %s\n' notebook status minutes outputs
+for row in "${rows[@]}"; do
+  IFS='|' read -r a b c d <<<"$row"
+  printf '%-28s %-7s %8s  %s\n' "$a" "$b" "$c" "$d"
+done
+exit $failed

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs the test suite (set-up included). Extra arguments go to pytest, e.g. ./run_tests.sh -k lossgrad
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/tools/env.sh"
+ensure_env
+cd "$REPO"
+exec "$PY" -m pytest "$@"
