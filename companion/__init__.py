@@ -6,6 +6,7 @@
 - ``companion.train``: the training loop, tasks, run store (resume, skip finished runs)
 - ``companion.report``: figures and tables with the paper's numbers beside ours
 - ``companion.profiles``: smoke / quick / paper, and where each one's outputs go
+- ``companion.quadratic``: the 2-D quadratic of Section 3 (notebook 00)
 """
 
-from . import baselines, data, models, profiles, report, train  # noqa: F401
+from . import baselines, data, models, profiles, quadratic, report, train  # noqa: F401

@@ -693,3 +693,33 @@ def take(split: tuple, n: int | None) -> tuple:
     if n < 1:
         raise ValueError(f"n must be None (everything) or a positive count, got {n!r}")
     return tuple(t[:n] for t in split)
+
+
+def random_subset(split: tuple, n: int | None, seed: int = 0) -> tuple:
+    """``n`` examples of a split drawn without replacement by a seeded permutation (all, in order, for ``None``).
+
+    For subsets of splits stored in a meaningful order, where :func:`take` would be biased: the
+    IMDb splits hold all negative reviews before the positive ones, so their first ``n`` are all
+    negative. The same ``seed`` gives the same subset.
+    """
+    if n is None:
+        return split
+    total = len(split[0])
+    if not 1 <= n <= total:
+        raise ValueError(f"n must be None (everything) or a count in [1, {total}], got {n!r}")
+    idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return tuple(t[idx] for t in split)
+
+
+def cifar10_normalized(profile: str, n_train: int | None = None, n_test: int | None = None,
+                       root=None) -> tuple[tuple, tuple]:
+    """CIFAR-10 as the CIFAR notebooks (01, 02, 05) feed it to their networks.
+
+    Returns ``(train, test)``, each ``(x, y)`` with x float32 (N, 3, 32, 32) standardised by
+    :func:`cifar10_normalize` and y int64: the first ``n_train`` / ``n_test`` images of each split
+    (all of them for ``None``; :func:`take`), cut before converting so that a subset never
+    holds the whole split in float32. ``profile`` as in :func:`load`: ``"smoke"`` gives the
+    synthetic stand-in (512 / 256 images), ``"quick"`` / ``"paper"`` the real data.
+    """
+    data = load("cifar10", profile, root=root)
+    return tuple((cifar10_normalize(x), y) for x, y in (take(data["train"], n_train), take(data["test"], n_test)))

@@ -437,3 +437,182 @@ def wae_loss(x: torch.Tensor, recon: torch.Tensor, z: torch.Tensor, lam: float =
     if z_prior is None:
         z_prior = sample_prior(z.shape[0], z.shape[1], prior_var, device=z.device).to(z.dtype)
     return rec + lam * mmd_penalty(z, z_prior, prior_var)
+
+
+# --------------------------------------------------------------------------------------
+# WAE-MMD as a task of companion.train, a small stand-in network for smoke runs, and the
+# optimizer of the WAE paper (the "original" row of the LOSSGRAD paper's WAE table)
+# --------------------------------------------------------------------------------------
+
+def _unit_images(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (0..255) -> float32 in [0, 1]; floating images are taken as already in [0, 1]."""
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32).div_(255.0)
+    if x.is_floating_point():
+        return x
+    raise TypeError(f"WAE images must be uint8 (0..255) or floating point in [0, 1], got {x.dtype}")
+
+
+class WAEMMDTask:
+    """The WAE-MMD objective (:func:`wae_loss`) as a task of ``companion.train``.
+
+    A batch is ``(images, z_prior)``: images uint8 (N, 3, H, W) in 0..255 (CelebA's storage; converted
+    per batch, on the batch's device) or float in [0, 1], and one prior sample per image. The prior
+    sample travels WITH the batch so that every evaluation of the loss on one batch sees the same
+    sample: LOSSGRAD's probe re-evaluates the loss after its step, and a fresh prior sample there
+    would add the MMD estimator's noise to the ratio it decides by.
+
+    * Training: ``Experiment(..., augment=task.attach_prior)`` gives every training batch a fresh
+      prior sample, drawn from the run's data generator: seeded, restored on resume, and the same
+      for every optimizer run with the same seed.
+    * Evaluation: ``task.with_prior(split, seed)`` attaches one fixed prior sample to a whole split,
+      so every epoch of every run is measured against the same sample.
+
+    ``evaluate`` returns sums over the batch (``companion.train.evaluate`` divides by the split
+    size): ``loss`` the objective, ``recon`` its reconstruction term (per image: the summed squared
+    error for ``reduction='sum'``, the per-pixel MSE for ``'mean'``), ``mse`` the per-pixel MSE, and
+    ``mmd`` the batch's MMD² estimate weighted by the batch size. The MMD estimate is unbiased
+    whatever the batch size, so evaluation batches larger than training batches measure the same
+    quantity; a batch of one image has no estimate and counts as 0 (the evaluation batch size
+    should not leave one image over).
+
+    Defaults: ``lam`` = 100 and ``prior_var`` = 2 follow the WAE-MMD CelebA setting as quoted from
+    the WAE paper and used by the common PyTorch re-implementation (see :func:`wae_loss`; the
+    official configs.py has lambda 10, pz_scale 1); ``latent`` 64; ``reduction`` see :func:`wae_loss`.
+    """
+
+    metrics = ("loss", "recon", "mse", "mmd")
+
+    def __init__(self, lam: float = 100.0, prior_var: float = 2.0, latent: int = 64, reduction: str = "sum"):
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        if not (lam >= 0 and prior_var > 0 and latent >= 1):
+            raise ValueError(f"need lam >= 0, prior_var > 0, latent >= 1; got {lam}, {prior_var}, {latent}")
+        self.lam, self.prior_var, self.latent, self.reduction = float(lam), float(prior_var), int(latent), reduction
+
+    # ------------------------------------------------------------- prior samples
+    def attach_prior(self, batch: tuple, generator: torch.Generator) -> tuple:
+        """Training hook (``augment=``): ``(images, fresh prior sample)``; any sample already there is replaced."""
+        images = batch[0]
+        z = sample_prior(len(images), self.latent, self.prior_var, generator=generator)
+        return images, z.to(images.device)
+
+    def with_prior(self, split, seed: int = 0) -> tuple:
+        """``(images, z_prior)`` for a whole split, with a fixed prior sample drawn from ``seed``.
+
+        ``split``: the images (N, 3, H, W), as ``companion.data.celeba`` returns them, or a tuple
+        whose first tensor holds them."""
+        images = split if isinstance(split, torch.Tensor) else split[0]
+        z = sample_prior(len(images), self.latent, self.prior_var, generator=torch.Generator().manual_seed(seed))
+        return images, z
+
+    def _unpack(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(batch) != 2:
+            raise ValueError(
+                f"a WAE-MMD batch is (images, z_prior), got {len(batch)} tensor(s): train with "
+                "Experiment(..., augment=task.attach_prior) and evaluate on task.with_prior(split)")
+        x, z_prior = batch
+        if z_prior.dim() != 2 or z_prior.shape != (len(x), self.latent):
+            raise ValueError(f"z_prior must have shape ({len(x)}, {self.latent}), got {tuple(z_prior.shape)}")
+        return _unit_images(x), z_prior
+
+    # ------------------------------------------------------------- task interface
+    def loss(self, model: nn.Module, batch: tuple) -> torch.Tensor:
+        """The WAE-MMD objective on the batch (what the optimizers minimise)."""
+        x, z_prior = self._unpack(batch)
+        recon, z = model(x)
+        return wae_loss(x, recon, z, lam=self.lam, z_prior=z_prior, prior_var=self.prior_var,
+                        reduction=self.reduction)
+
+    def evaluate(self, model: nn.Module, batch: tuple) -> dict:
+        """Sums over the batch of the objective and its parts (see the class docstring)."""
+        x, z_prior = self._unpack(batch)
+        recon, z = model(x)
+        sq = (recon - x).pow(2).flatten(1)
+        mse = sq.mean(1)
+        rec = sq.sum(1) if self.reduction == "sum" else mse
+        n = len(x)
+        mmd = mmd_penalty(z, z_prior, self.prior_var) * n if n >= 2 else z.new_zeros(())
+        return {"loss": rec.sum() + self.lam * mmd, "recon": rec.sum(), "mse": mse.sum(), "mmd": mmd}
+
+    # ------------------------------------------------------------- pictures
+    @torch.no_grad()
+    def reconstruct(self, model: nn.Module, images: torch.Tensor, device) -> torch.Tensor:
+        """Reconstructions of ``images`` in eval mode, float in [0, 1] on the CPU (for image grids)."""
+        was_training = model.training
+        model.eval()
+        recon, _ = model(_unit_images(images.to(device)))
+        model.train(was_training)
+        return recon.float().cpu()
+
+    @torch.no_grad()
+    def generate(self, model: nn.Module, n: int, device, seed: int = 0) -> torch.Tensor:
+        """``n`` random images: the decoder of ``model`` at prior samples drawn from ``seed`` (eval mode, CPU)."""
+        z = sample_prior(n, self.latent, self.prior_var, generator=torch.Generator().manual_seed(seed))
+        was_training = model.training
+        model.eval()
+        out = model.decoder(z.to(device))
+        model.train(was_training)
+        return out.float().cpu()
+
+
+class SmallWAE(nn.Module):
+    """A small stand-in for :class:`WAE` in smoke runs: NOT the paper's network.
+
+    The same layout at 1/16 of the width by default (``width`` 8: 5x5 stride-2 convs with 8, 16,
+    32, 64 filters, each with BN and ReLU, a linear layer to ``latent``; the decoder mirrors it),
+    the same interface (``forward(x) -> (reconstruction, z)``, ``.encoder``, ``.decoder``,
+    ``.latent``), so a notebook's smoke run exercises the same code in seconds on a CPU.
+    """
+
+    def __init__(self, latent: int = 8, width: int = 8):
+        super().__init__()
+        self.latent = latent
+        chans = [width * 2 ** i for i in range(4)]
+        enc, c_in = [], 3
+        for c_out in chans:
+            enc += [nn.Conv2d(c_in, c_out, 5, stride=2, padding=2), nn.BatchNorm2d(c_out), nn.ReLU()]
+            c_in = c_out
+        self.encoder = nn.Sequential(*enc, nn.Flatten(), nn.Linear(4 * 4 * chans[-1], latent))
+        dec = [nn.Linear(latent, 8 * 8 * chans[-1]), nn.ReLU(), nn.Unflatten(1, (chans[-1], 8, 8))]
+        c_in = chans[-1]
+        for c_out in reversed(chans[:-1]):
+            dec += [nn.ConvTranspose2d(c_in, c_out, 5, stride=2, padding=2, output_padding=1),
+                    nn.BatchNorm2d(c_out), nn.ReLU()]
+            c_in = c_out
+        dec += [nn.ConvTranspose2d(c_in, 3, 5, stride=1, padding=2), nn.Sigmoid()]
+        self.decoder = nn.Sequential(*dec)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder(x)
+        return self.decoder(z), z
+
+
+class _PiecewiseFactor:
+    """lr factor after ``epoch`` finished epochs: the product of the factors of the milestones passed."""
+
+    def __init__(self, milestones, factors):
+        self.milestones, self.factors = tuple(milestones), tuple(factors)
+
+    def __call__(self, epoch: int) -> float:
+        return math.prod(f for m, f in zip(self.milestones, self.factors) if epoch >= m)
+
+
+def wae_original_optimizer(params, lr: float = 1e-3, beta1: float = 0.5, beta2: float = 0.999,
+                           milestones=(30, 50), factors=(0.5, 0.2), epochs: int | None = None):
+    """The optimizer of the WAE paper for WAE-MMD: Adam, lr 1e-3, β1 = 0.5, with the lr halved after
+    30 epochs and divided by 5 more after 50 (the "original" row of the LOSSGRAD paper's WAE table).
+
+    Sources: the official code (tolstikhin/wae, wae.py) divides its lr by 2 at epoch 30 and by 5 at
+    epoch 50 (0-based epochs, i.e. after 30 and 50 finished epochs) under lr_schedule 'manual';
+    a version of its configs.py notes lr 0.001 for WAE-MMD on CelebA with adam_beta1 0.5.
+    β2 is Adam's default. Returns ``(optimizer, scheduler)`` like ``companion.baselines.make_optimizer``
+    (the scheduler is stepped once per epoch); ``epochs`` is accepted and ignored for that reason.
+    """
+    if len(milestones) != len(factors):
+        raise ValueError(f"need one factor per milestone, got {milestones} and {factors}")
+    opt = torch.optim.Adam(params, lr=lr, betas=(beta1, beta2))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _PiecewiseFactor(milestones, factors))
+
+
+__all__ += ["WAEMMDTask", "SmallWAE", "wae_original_optimizer"]

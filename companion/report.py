@@ -103,9 +103,11 @@ def conditions(profile: str, results: Sequence[dict], synthetic: Optional[bool] 
     seeds = sorted({r.get("seed") for r in results if r.get("seed") is not None})
     minutes = sum(r.get("seconds", 0.0) for r in results) / 60
     data = "SYNTHETIC stand-in data: not a result" if synthetic else "real data"
-    return (f"Profile `{profile}` ({data}); device: {', '.join(devices)}; seeds: {seeds}; "
-            f"training time {minutes:.1f} min in total; torch {torch.__version__}; "
-            f"made {_dt.date.today().isoformat()}.")
+    parts = [f"Profile `{profile}` ({data})"]
+    if results:
+        parts += [f"device: {', '.join(devices)}", f"seeds: {seeds}", f"training time {minutes:.1f} min in total"]
+    parts += [f"torch {torch.__version__}", f"made {_dt.date.today().isoformat()}."]
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------- curve helpers
@@ -201,3 +203,200 @@ def image_grid(rows: dict, ax=None, title: str = ""):
     ax.grid(False)
     ax.set_title(title)
     return ax
+
+
+# ----------------------------------------------- step sizes: settling, per epoch
+def step_size_settling(lr, window: int, factor: float = 2.0) -> dict:
+    """Where a step-size series settles and how many steps it needs to get there (the paper's Figure 3).
+
+    ``lr`` holds the step size of every step in order (``result["steps"]["lr"]``); ``window`` is how
+    many final steps make up the settled value (one epoch in the notebooks: LOSSGRAD's h moves by a
+    factor c every step, and a median over many steps is robust to that and to short spikes).
+    Returns a dict:
+
+    * ``settled``: the median of the last ``window`` step sizes;
+    * ``reached``: the number of steps before the first step size within ``factor`` of
+      ``settled`` (settled / factor <= h <= settled * factor), i.e. the batches it needed to get
+      there; 0 when it started there;
+    * ``stays``: the number of steps before the first one from which h stays in that band to the
+      end (later than ``reached`` when h leaves the band again, e.g. in a spike); ``None`` when
+      even the last step size is outside the band;
+    * ``peak`` and ``peak_step``: the largest step size of the series and its step, for the spike of
+      h the paper sees at the start of training (compare ``peak / settled``).
+
+    Raises ValueError for an empty or non-1-D series, a window outside 1..len(lr), a factor <= 1,
+    or a step size that is not positive and finite (the band is a ratio, so h must be > 0).
+    """
+    lr = torch.as_tensor(lr, dtype=torch.float64)
+    if lr.dim() != 1 or len(lr) == 0:
+        raise ValueError(f"lr must be a non-empty 1-D series of step sizes, got shape {tuple(lr.shape)}")
+    if not 1 <= int(window) <= len(lr):
+        raise ValueError(f"window must be between 1 and len(lr) = {len(lr)}, got {window}")
+    if not factor > 1:
+        raise ValueError(f"factor must be > 1 (the band is settled/factor .. settled*factor), got {factor}")
+    if not (torch.isfinite(lr).all() and (lr > 0).all()):
+        raise ValueError("every step size must be positive and finite; "
+                         f"got min {float(lr.min())}, max {float(lr.max())}")
+    settled = float(lr[-int(window):].median())
+    inside = (lr >= settled / factor) & (lr <= settled * factor)
+    reached = int(torch.nonzero(inside)[0]) if inside.any() else None
+    outside = torch.nonzero(~inside).flatten()
+    if len(outside) == 0:
+        stays = 0
+    elif int(outside[-1]) == len(lr) - 1:
+        stays = None
+    else:
+        stays = int(outside[-1]) + 1
+    peak_step = int(lr.argmax())
+    return {"settled": settled, "reached": reached, "stays": stays, "peak": float(lr[peak_step]),
+            "peak_step": peak_step}
+
+
+_EPOCH_REDUCTIONS = {
+    "mean": lambda t: float(t.mean()),
+    "geomean": lambda t: float(t.log().mean().exp()),
+    "median": lambda t: float(t.median()),
+    "max": lambda t: float(t.max()),
+    "min": lambda t: float(t.min()),
+}
+
+
+def step_series_per_epoch(result: dict, key: str = "lr", how: str = "mean") -> np.ndarray:
+    """A run's per-step series (``lr``, ``loss`` or ``ratio``) reduced to one value per training epoch.
+
+    ``how``: ``mean`` (the step size averaged over the epoch), ``geomean``, ``median``, ``max`` or
+    ``min``. Value i belongs to epoch i + 1 (epoch 0 of ``result["epochs"]`` is the evaluation
+    before training). Steps of an epoch are found by splitting the series into as many equal parts
+    as the run has training epochs; a series that does not split evenly is a ValueError."""
+    if how not in _EPOCH_REDUCTIONS:
+        raise ValueError(f"how must be one of {sorted(_EPOCH_REDUCTIONS)}, got {how!r}")
+    series = torch.as_tensor(result["steps"].get(key, []), dtype=torch.float64)
+    n_epochs = len(result["epochs"]) - 1
+    if len(series) == 0 or n_epochs < 1:
+        return np.empty(0)
+    if len(series) % n_epochs:
+        raise ValueError(f"{len(series)} steps of {key!r} do not split into {n_epochs} equal epochs; "
+                         "was the series cut or the epoch list changed?")
+    return np.array([_EPOCH_REDUCTIONS[how](part) for part in series.view(n_epochs, -1)])
+
+
+def plot_step_series_per_epoch(results: Sequence[dict], key: str = "lr", how: str = "mean", ax=None,
+                               logy: bool = True, colours: Optional[dict] = None, title: str = ""):
+    """A per-step series reduced per epoch (:func:`step_series_per_epoch`) for every label: mean over
+    seeds, with a ±1 std band when there are several (like :func:`plot_epoch_metric`)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    ax = ax or plt.gca()
+    rows = [{"label": r["label"], "seed": r["seed"], "epoch": i + 1, key: v}
+            for r in results for i, v in enumerate(step_series_per_epoch(r, key, how))]
+    frame = pd.DataFrame(rows, columns=["label", "seed", "epoch", key])
+    sns.lineplot(frame, x="epoch", y=key, hue="label", errorbar="sd", ax=ax, palette=colours)
+    if logy:
+        ax.set_yscale("log")
+        plain_log_ticks(ax)
+    name = {"lr": "step size h", "loss": "batch loss"}.get(key, key)
+    ax.set_ylabel(f"{name} ({how} per epoch)")
+    ax.set_title(title or ax.get_ylabel())
+    ax.legend(fontsize=8)
+    return ax
+
+
+# ------------------------------------------- LOSSGRAD's ratio: what its log says
+def lossgrad_ratio_summary(result: dict, window: int) -> dict:
+    """What a LOSSGRAD run's log says about the step size it settled on, over its last ``window`` steps.
+
+    Algorithm 1 fits a parabola along −g: for a batch loss that is quadratic along g, its ratio is
+    r = h·κ/2 with κ = gᵀHg / ||g||², the curvature of the batch loss in the direction of the
+    gradient. So 2·r/h estimates κ at every step, and 1/κ is the step an exact line search along −g
+    would take; the rule (grow h while r ≤ 1/2) steers h towards it. Pairs (h, r) are taken from
+    ``steps["lr"]`` (h before the step) and ``steps["ratio"]`` (that step's ratio). Returns
+
+    * ``settled_h``: median h; ``median_ratio``: median r; ``shrink_share``: share of steps with
+      r > 1/2 (h was divided by c); about 1/2 when h hovers at the rule's equilibrium;
+    * ``curvature``: median of 2·r/h (κ, in 1/step-size units); ``line_search_h``: 1/curvature;
+    * ``ratio_one_share``: share of steps with r exactly 1, i.e. a probe loss exactly equal to the
+      loss: the decrease was below the loss's floating-point resolution, so r said nothing about
+      curvature and h shrank anyway (the drift the exact Algorithm 1 has without a resolution guard).
+
+    ValueError when the run has no ratio log (not a LOSSGRAD run) or ``window`` is out of range.
+    """
+    lr = torch.as_tensor(result["steps"].get("lr", []), dtype=torch.float64)
+    ratio = torch.as_tensor(result["steps"].get("ratio", []), dtype=torch.float64)
+    if len(ratio) == 0 or len(ratio) != len(lr):
+        raise ValueError(f"{result.get('label', 'this run')} has no ratio log matching its step sizes "
+                         f"({len(ratio)} ratios, {len(lr)} step sizes): is it a LOSSGRAD run?")
+    if not 1 <= int(window) <= len(lr):
+        raise ValueError(f"window must be between 1 and {len(lr)}, got {window}")
+    h, r = lr[-int(window):], ratio[-int(window):]
+    keep = torch.isfinite(r) & (h > 0)
+    curvature = float((2 * r[keep] / h[keep]).median()) if keep.any() else math.nan
+    return {"settled_h": float(h.median()), "median_ratio": float(r[keep].median()) if keep.any() else math.nan,
+            "shrink_share": float((r[keep] > 0.5).double().mean()) if keep.any() else math.nan,
+            "curvature": curvature, "line_search_h": 1 / curvature if curvature > 0 else math.nan,
+            "ratio_one_share": float((r == 1.0).double().mean())}
+
+
+def plot_loss_and_step_size(result: dict, ax=None, first: Optional[int] = None, window: int = 50,
+                            factor: float = 3.0, title: str = ""):
+    """One run's batch loss (left axis) and step size h (right axis) at every step, loss spikes
+    (:func:`spikes` with ``window`` and ``factor``) marked by red vertical lines: shows whether the
+    loss spikes follow peaks of h, as the paper saw on MNIST. ``first`` limits the plot to the
+    first steps (e.g. the spike of h at the start). Returns the two axes (loss, step size)."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.gca()
+    loss = torch.as_tensor(result["steps"]["loss"], dtype=torch.float64)
+    lr = torch.as_tensor(result["steps"]["lr"], dtype=torch.float64)
+    n = len(loss) if first is None else min(int(first), len(loss))
+    steps = np.arange(n)
+    ax.plot(steps, loss[:n].numpy(), lw=0.5, color="0.5", label="batch loss")
+    onsets = [int(s) for s in spikes(loss, window, factor) if s < n]
+    for i, s in enumerate(onsets):
+        ax.axvline(s, color="tab:red", lw=0.7, alpha=0.7, label=f"loss spike ({len(onsets)})" if i == 0 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("batch loss")
+    twin = ax.twinx()
+    twin.plot(steps, lr[:n].numpy(), lw=0.8, color="tab:blue", label="step size h")
+    twin.set_yscale("log")
+    twin.set_ylabel("step size h", color="tab:blue")
+    twin.grid(False)
+    plain_log_ticks(ax)
+    plain_log_ticks(twin)
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=7, loc="upper right")
+    ax.set_title(title or str(result.get("label", "")))
+    return ax, twin
+
+
+def plain_log_ticks(ax, axis: str = "y"):
+    """Label a log axis with plain numbers (2.3, 0.01, 1e-06) instead of 2.3×10⁰: readable when a
+    metric spans less than a decade (a test loss from 2.3 to 1.1). Matplotlib still decides which
+    ticks get a label. Returns ``ax``."""
+    from matplotlib.ticker import LogFormatter
+
+    if axis not in ("x", "y"):
+        raise ValueError(f"axis must be 'x' or 'y', got {axis!r}")
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_formatter(LogFormatter())
+    target.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    return ax
+
+
+def step_size_at_spikes(lr: torch.Tensor, spike_steps: torch.Tensor, window: int = 200,
+                        generator: Optional[torch.Generator] = None) -> dict:
+    """How high the step size was when the loss spiked, against how high it is at random steps.
+
+    For each step k the score is h[k] / median(h[k-window:k]) (> 1: h is above its recent level).
+    Returns the scores at the spikes and at as many random steps, for comparison."""
+    lr = torch.as_tensor(lr, dtype=torch.float64)
+    spike_steps = torch.as_tensor(spike_steps, dtype=torch.long)
+
+    def score(steps):
+        return torch.stack([lr[k] / lr[k - window:k].median() for k in steps.tolist()]) if len(steps) else torch.empty(0)
+
+    valid = spike_steps[spike_steps >= window]
+    random_steps = torch.randint(window, len(lr), (max(len(valid), 1) * 20,),
+                                 generator=generator or torch.Generator().manual_seed(0))
+    return {"at_spikes": score(valid), "at_random_steps": score(random_steps)}

@@ -1,0 +1,58 @@
+"""The 2-D quadratic of the paper's Section 3 (companion.quadratic, notebook 00)."""
+
+import math
+
+import torch
+
+from companion import quadratic as Q
+
+
+def instances(n=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        kappa = float(torch.exp(torch.rand((), generator=g, dtype=torch.float64) * math.log(1000)))
+        yield kappa, Q.random_quadratic(kappa, g), Q.random_start(g)
+
+
+def test_random_quadratic_has_the_asked_condition_number():
+    for kappa, a, _ in instances():
+        lo, hi = torch.linalg.eigvalsh(a).tolist()
+        assert math.isclose(hi / lo, kappa, rel_tol=1e-9) and math.isclose(hi, 1.0, rel_tol=1e-12)
+
+
+def test_exact_step_minimises_f_along_the_gradient():
+    for _, a, x in instances():
+        g = a @ x
+        h = Q.exact_step(a, x)
+        for nearby in (h * 0.99, h * 1.01):
+            assert Q.value(a, x - h * g) < Q.value(a, x - nearby * g)
+
+
+def test_exact_line_search_never_breaks_bound_4_and_fixed_step_meets_it():
+    for _, a, x in instances():
+        bound = Q.decrease_bound(a)
+        exact = Q.per_step_factors(Q.run_exact_line_search(a, x, 30)["f"])
+        assert (exact <= bound + 1e-12).all()
+        fixed = Q.run_fixed_step(a, x, 400, Q.best_fixed_step(a))
+        assert math.isclose(Q.asymptotic_factor(fixed["f"], 200), bound, rel_tol=1e-6) or bound < 1e-3
+
+
+def test_lossgrad_grows_h_exactly_while_it_is_below_the_exact_step():
+    for _, a, x in instances(5):
+        run = Q.run_lossgrad(a, x, 150, h0=1e-2, c=1.1, rollback=None, resolution_guard=False)
+        h, h_star = run["h"], run["h_star"]
+        grew = h[1:] > h[:-1]
+        assert torch.equal(grew, h[:-1] <= h_star[:-1])
+        assert Q.first_overshoot(run) < len(h)
+
+
+def test_slice_ratio_crosses_one_half_at_the_exact_step_on_a_quadratic():
+    a = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    x = torch.tensor([1.0, -1.0], dtype=torch.float64, requires_grad=True)
+    h_star = Q.exact_step(a, x.detach()).item()
+    s = Q.slice_along_gradient(lambda: Q.value(a, x), [x], torch.linspace(0.01, 3, 300, dtype=torch.float64) * h_star)
+    ratio = Q.ratio_along(s)
+    assert torch.allclose(ratio, s["t"] / (2 * h_star), atol=1e-12)
+    assert torch.equal(x.detach(), torch.tensor([1.0, -1.0], dtype=torch.float64))  # restored
+    parabola = Q.parabola(s, 1.3 * h_star)
+    assert torch.allclose(parabola(s["t"]), s["phi"], atol=1e-9)  # a quadratic is its own parabola

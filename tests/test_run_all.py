@@ -1,0 +1,48 @@
+"""run_all.sh: its help, its refusals, notebook selection and where smoke outputs go."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_all(*args, env=None, check=False):
+    return subprocess.run([str(REPO / "run_all.sh"), *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600, check=check)
+
+
+def test_help_explains_profiles_selection_and_overrides():
+    out = run_all("--help", check=True).stdout
+    for word in ("--profile", "smoke", "quick", "paper", "-p NAME VALUE", "NOTEBOOK", "Exit status"):
+        assert word in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--profile", "fast"], "--profile must be smoke, quick or paper"),
+    (["--bogus"], "unknown option"),
+    (["99_none"], "no notebook matches"),
+    (["-p", "epochs"], "-p needs NAME and VALUE"),
+])
+def test_bad_arguments_are_refused_with_a_reason(args, message):
+    result = run_all(*args)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_smoke_run_of_one_notebook_reports_a_table_and_keeps_outputs_out_of_the_repo(tmp_path):
+    nb = sorted((REPO / "notebooks").glob("00_*.ipynb"))[0]
+    before = nb.read_bytes()
+    result = run_all("--profile", "smoke", "00", env={"LOSSGRAD_RUNS": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "00_quadratic_theory" in result.stdout and " ok " in result.stdout
+    assert (tmp_path / "smoke" / "notebooks" / nb.name).exists()
+    assert (tmp_path / "smoke" / "figures").iterdir()
+    assert nb.read_bytes() == before
+
+
+def test_a_failing_notebook_gives_a_non_zero_exit_and_the_table_says_so(tmp_path):
+    result = run_all("--profile", "smoke", "-p", "no_such_setting", "1", "00", env={"LOSSGRAD_RUNS": str(tmp_path)})
+    assert result.returncode == 1
+    assert "FAILED" in result.stdout and (tmp_path / "custom" / "logs").exists()

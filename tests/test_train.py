@@ -1,0 +1,187 @@
+"""The shared training loop, run store, profiles and report helpers (companion.train/profiles/report)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import companion as C
+from companion.train import Classification, Experiment, Reconstruction, RunStore, fit
+
+
+@pytest.fixture(autouse=True)
+def runs_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOSSGRAD_RUNS", str(tmp_path / "runs"))
+
+
+def tiny_classifier():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def mnist_like():
+    return C.data.synthetic_mnist(n_train=300, n_test=100, seed=0)
+
+
+@pytest.mark.parametrize("optimizer, options", [
+    ("sgd", dict(lr=0.1)), ("lossgrad", dict(lr=0.05)), ("wngrad", dict(lr=1.0)), ("l4", dict()),
+    ("sgd_steplr", dict(lr=0.1, step_size=1, gamma=0.5)),
+])
+def test_every_optimizer_lowers_the_loss_and_logs_its_step_size(mnist_like, optimizer, options):
+    torch.manual_seed(0)
+    model = tiny_classifier()
+    opt, scheduler = C.baselines.make_optimizer(optimizer, model.parameters(), epochs=3, **options)
+    history = fit(model, opt, Classification(), mnist_like["train"], mnist_like["test"], epochs=3, batch_size=50,
+                  device=torch.device("cpu"), scheduler=scheduler, progress=False)
+    first, last = history["epochs"][0], history["epochs"][-1]
+    assert [e["epoch"] for e in history["epochs"]] == [0, 1, 2, 3]
+    assert last["train_loss"] < first["train_loss"]
+    assert last["test_acc"] > 0.3  # ten classes: chance is 0.1
+    assert len(history["steps"]["loss"]) == len(history["steps"]["lr"]) == 3 * 6
+    if optimizer == "sgd_steplr":  # the schedule halves lr after every epoch
+        assert history["steps"]["lr"][::6].tolist() == [0.1, 0.05, 0.025]
+    if optimizer == "lossgrad":
+        assert len(history["steps"]["ratio"]) == 18
+        assert history["steps"]["lr"][-1] != history["steps"]["lr"][0]
+
+
+def test_diverging_run_is_stopped_and_marked(mnist_like):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 784), nn.Unflatten(1, (1, 28, 28)))  # a linear autoencoder
+    opt = torch.optim.SGD(model.parameters(), lr=1e3)  # far above 2/L on this quadratic objective
+    history = fit(model, opt, Reconstruction(), mnist_like["train"], mnist_like["test"], epochs=5, batch_size=50,
+                  device=torch.device("cpu"), progress=False)
+    assert history["diverged"]
+    assert len(history["epochs"]) < 6
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_bit_for_bit(mnist_like, tmp_path):
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 10))
+        return model, C.baselines.make_optimizer("lossgrad", model.parameters(), lr=1e-3)[0]
+
+    kwargs = dict(epochs=4, batch_size=50, device=torch.device("cpu"), progress=False, seed=3)
+    model, opt = make()
+    straight = fit(model, opt, Classification(), mnist_like["train"], mnist_like["test"], **kwargs)
+
+    ckpt = tmp_path / "run.ckpt"
+    model, opt = make()
+    fit(model, opt, Classification(), mnist_like["train"], mnist_like["test"], checkpoint=ckpt,
+        **dict(kwargs, epochs=2))  # "killed" after epoch 2: its checkpoint is on disk
+    torch.manual_seed(12345)  # a fresh process would have another random state
+    model, opt = make()
+    resumed = fit(model, opt, Classification(), mnist_like["train"], mnist_like["test"], checkpoint=ckpt, **kwargs)
+    assert torch.equal(resumed["steps"]["loss"], straight["steps"]["loss"])
+    assert torch.equal(resumed["steps"]["lr"], straight["steps"]["lr"])
+    assert resumed["epochs"][-1]["test_loss"] == straight["epochs"][-1]["test_loss"]
+
+
+def test_run_store_skips_finished_runs_and_reruns_changed_ones(tmp_path):
+    store = RunStore("99_test", "smoke", root=tmp_path)
+    calls = []
+
+    def compute(checkpoint):
+        calls.append(checkpoint)
+        return {"value": len(calls)}
+
+    assert store.get("a", {"lr": 1}, compute)["value"] == 1
+    assert store.get("a", {"lr": 1}, compute)["value"] == 1  # loaded, not computed
+    assert store.get("a", {"lr": 2}, compute)["value"] == 2  # settings changed: computed again
+    assert len(calls) == 2
+    assert (tmp_path / "smoke" / "99_test" / "a.pt").exists()
+    assert not list((tmp_path / "smoke" / "99_test").glob("*.ckpt"))
+    with pytest.raises(ValueError, match="file name"):
+        store.path("../escape")
+
+
+def test_experiment_runs_are_stored_and_reloaded(mnist_like):
+    exp = Experiment("99_test", "smoke", mnist_like["train"], mnist_like["test"], Classification(), tiny_classifier,
+                     epochs=1, batch_size=100, device=torch.device("cpu"), progress=False)
+    first = exp.run("SGD lr=0.1", "sgd", seed=0, lr=0.1)
+    again = exp.run("SGD lr=0.1", "sgd", seed=0, lr=0.1)
+    assert again["seconds"] == first["seconds"]  # the stored result, not a new run
+    other_seed = exp.run("SGD lr=0.1", "sgd", seed=1, lr=0.1)
+    assert not torch.equal(other_seed["steps"]["loss"], first["steps"]["loss"])
+
+
+def test_reconstruction_task_reports_mean_squared_error_per_pixel():
+    x = torch.rand(20, 1, 28, 28)
+    model = nn.Identity()
+    assert C.train.evaluate(model, Reconstruction(), (x,), torch.device("cpu"))["loss"] == 0.0
+    class Half(nn.Module):
+        def forward(self, t):
+            return t * 0.5
+
+    half = Half()
+    expected = ((x * 0.5 - x) ** 2).mean().item()
+    assert C.train.evaluate(half, Reconstruction(), (x,), torch.device("cpu"))["loss"] == pytest.approx(expected)
+
+
+def test_batches_cover_every_example_once_and_shuffle_with_a_generator():
+    x = torch.arange(10)
+    ordered = torch.cat([b[0] for b in C.train.batches((x,), 3)])
+    shuffled = torch.cat([b[0] for b in C.train.batches((x,), 3, torch.Generator().manual_seed(0))])
+    assert ordered.tolist() == list(range(10))
+    assert sorted(shuffled.tolist()) == list(range(10)) and shuffled.tolist() != list(range(10))
+
+
+# ------------------------------------------------------------------ profiles
+def test_profiles_resolve_paper_then_profile_then_overrides():
+    kw = dict(paper=dict(epochs=30, seeds=3, lr=0.1), quick=dict(epochs=3), smoke=dict(epochs=1, seeds=1))
+    assert C.profiles.resolve("paper", {}, **kw).epochs == 30
+    quick = C.profiles.resolve("quick", {}, **kw)
+    assert (quick.epochs, quick.seeds, quick.changed) == (3, 3, ["epochs"])
+    custom = C.profiles.resolve("smoke", {"epochs": 7}, **kw)
+    assert (custom.epochs, custom.seeds) == (7, 1)
+    with pytest.raises(ValueError, match="unknown setting"):
+        C.profiles.resolve("paper", {"epoch": 5}, **kw)
+    with pytest.raises(ValueError, match="profile must be one of"):
+        C.profiles.resolve("fast", {}, **kw)
+
+
+def test_smoke_and_custom_outputs_never_land_in_figures(tmp_path):
+    figures = C.profiles.REPO / "figures"
+    assert C.profiles.figures_dir("paper") == figures
+    assert C.profiles.figures_dir("quick") == figures / "quick"
+    for profile, overrides in (("smoke", None), ("paper", {"epochs": 1}), ("quick", {"seeds": 1})):
+        path = C.profiles.figures_dir(profile, overrides)
+        assert figures not in path.parents and path != figures
+        assert str(path).startswith(str(tmp_path))
+
+
+# -------------------------------------------------------------------- report
+def test_mean_std_and_summary_table_put_the_paper_beside_ours():
+    assert C.report.mean_std([1.0, 2.0, 3.0]) == "2 ± 1"
+    assert C.report.mean_std([0.5]) == "0.5"
+    assert C.report.mean_std([1.0, math.nan]) == "diverged"
+    runs = [{"label": "A", "seed": s, "diverged": False, "epochs": [{"test_loss": v}]} for s, v in enumerate([1.0, 3.0])]
+    runs.append({"label": "B", "seed": 0, "diverged": True, "epochs": [{"test_loss": 0.1}]})
+    table = C.report.summary_table(runs, ["test_loss"], paper={"A": {"test_loss": 1.5}})
+    assert table.to_dict("records") == [
+        {"method": "A", "seeds": 2, "test_loss (ours)": "2 ± 1.4", "test_loss (paper)": "1.5"},
+        {"method": "B", "seeds": 1, "test_loss (ours)": "diverged", "test_loss (paper)": "–"},
+    ]
+
+
+def test_write_table_writes_markdown_with_conditions_and_csv(tmp_path):
+    import pandas as pd
+
+    path = C.report.write_table(pd.DataFrame([{"a": 1}]), tmp_path, "t", "conditions line")
+    assert "conditions line" in path.read_text() and "| a |" in path.read_text().replace("|   a |", "| a |")
+    assert (tmp_path / "t.csv").read_text().splitlines() == ["a", "1"]
+
+
+def test_conditions_label_synthetic_data():
+    line = C.report.conditions("smoke", [{"device": "CPU", "seed": 0, "seconds": 60.0}])
+    assert "SYNTHETIC" in line and "not a result" in line and "1.0 min" in line
+    assert "SYNTHETIC" not in C.report.conditions("paper", [])
+
+
+def test_spikes_finds_each_spike_once():
+    loss = torch.ones(300)
+    loss[100:103] = 10.0  # one spike lasting three steps
+    loss[200] = 5.0
+    loss[250] = 2.0  # below 3x the median: not a spike
+    assert C.report.spikes(loss, window=50, factor=3.0).tolist() == [100, 200]
