@@ -1,0 +1,136 @@
+"""What one LOSSGRAD step costs against torch.optim.SGD, measured side by side in one process.
+
+    .venv/bin/python benchmarks/step_overhead.py                 # all three models, CPU
+    .venv/bin/python benchmarks/step_overhead.py --models mlp --reps 9
+
+For each model (the paper's MNIST MLP at batch 100, CIFAR-10 CNN at batch 100, ResNet-56 at batch 128, on random
+data of the right shapes) it times, in alternating repetitions, and reports medians:
+
+* ``sgd``: a full SGD training step (zero_grad, forward, backward, ``SGD(foreach=True).step()``);
+* ``floor``: that step plus one forward pass under no_grad: what any LOSSGRAD step must cost at least;
+* ``lossgrad``: a full ``LossGrad.step(closure)`` with the defaults;
+* ``internal``: LossGrad's own work, i.e. ``step(closure, loss=loss)`` minus the probe's forward pass, against
+  ``sgd.step()`` alone.
+Targets: lossgrad <= 1.05 x floor, internal <= 2.5 x sgd.step().
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from companion import models  # noqa: E402
+from companion.train import device_name  # noqa: E402
+from lossgrad import LossGrad  # noqa: E402
+
+MODELS = {  # name: (constructor, input shape, batch size, steps per repetition)
+    "mlp": (models.mnist_mlp, (1, 28, 28), 100, 40),
+    "cnn": (models.cifar_cnn, (3, 32, 32), 100, 20),
+    "resnet56": (models.resnet56, (3, 32, 32), 128, 3),
+}
+
+
+def timed(fn, steps: int) -> float:
+    fn()  # warm-up outside the clock
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps
+
+
+def measure(name: str, reps: int) -> dict:
+    build, shape, batch, steps = MODELS[name]
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
+    model = build()
+    closure = lambda: F.cross_entropy(model(x), y)
+    # tiny steps keep the weights (and so the work per step) the same throughout
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-12, foreach=True)
+    lossgrad = LossGrad(model.parameters(), lr=1e-12, max_lr=1e-12)
+
+    def sgd_step():
+        sgd.zero_grad()
+        closure().backward()
+        sgd.step()
+
+    def floor_step():
+        sgd_step()
+        with torch.no_grad():
+            closure()
+
+    def lossgrad_step():
+        lossgrad.zero_grad()
+        lossgrad.step(closure)
+
+    probe_time = [0.0]
+
+    def timed_probe():
+        start = time.perf_counter()
+        loss = closure()
+        probe_time[0] += time.perf_counter() - start
+        return loss
+
+    def internal_step():  # forward and backward outside; the probe's forward is subtracted below
+        lossgrad.zero_grad()
+        loss = closure()
+        loss.backward()
+        start = time.perf_counter()
+        lossgrad.step(timed_probe, loss=loss)
+        internal_step.total += time.perf_counter() - start
+
+    def sgd_inner():
+        sgd.zero_grad()
+        closure().backward()
+        start = time.perf_counter()
+        sgd.step()
+        sgd_inner.total += time.perf_counter() - start
+
+    samples = {k: [] for k in ("sgd", "floor", "lossgrad", "internal", "sgd.step")}
+    for _ in range(reps):
+        samples["sgd"].append(timed(sgd_step, steps))
+        samples["floor"].append(timed(floor_step, steps))
+        samples["lossgrad"].append(timed(lossgrad_step, steps))
+        internal_step.total, probe_time[0] = 0.0, 0.0
+        lossgrad_step()  # warm-up of this path
+        internal_step.total, probe_time[0] = 0.0, 0.0
+        for _ in range(steps):
+            internal_step()
+        samples["internal"].append((internal_step.total - probe_time[0]) / steps)
+        sgd_inner.total = 0.0
+        for _ in range(steps):
+            sgd_inner()
+        samples["sgd.step"].append(sgd_inner.total / steps)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--reps", type=int, default=7, help="alternating repetitions (medians are reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("| model | SGD step (ms) | floor (ms) | LossGrad step (ms) | LossGrad / floor | "
+          "LossGrad internal (ms) | sgd.step() (ms) | internal / sgd.step() |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        m = measure(name, args.reps)
+        ms = {k: v * 1e3 for k, v in m.items()}
+        print(f"| {name} | {ms['sgd']:.2f} | {ms['floor']:.2f} | {ms['lossgrad']:.2f} | "
+              f"{m['lossgrad'] / m['floor']:.3f} | {ms['internal']:.3f} | {ms['sgd.step']:.3f} | "
+              f"{m['internal'] / m['sgd.step']:.2f} |", flush=True)
+    print(f"\n{device_name(torch.device('cpu'))}; torch {torch.__version__}; medians of {args.reps} alternating "
+          f"repetitions; {datetime.date.today().isoformat()}.")
+
+
+if __name__ == "__main__":
+    main()
