@@ -348,9 +348,10 @@ def _sq_sum(tensors: list, foreach: bool) -> Tensor:
         parts = [n * n for n in torch._foreach_norm(tensors)]
     else:
         parts = [t.square().sum() for t in tensors]
-    dtype = _h_dtype(tensors[0].device)
-    if len({p.dtype for p in parts}) > 1:
-        parts = [p.to(dtype) for p in parts]
+    device = tensors[0].device
+    dtype = _h_dtype(device)
+    if len({(p.dtype, p.device) for p in parts}) > 1:
+        parts = [p.to(device=device, dtype=dtype) for p in parts]
     return torch.stack(parts).sum(dtype=dtype)
 
 
@@ -379,8 +380,8 @@ def _regulariser(groups, foreach: bool):
 def _scaled(tensors: list, scale: Tensor, foreach: bool) -> list:
     """New tensors t * scale for a 0-dim tensor scale (a step size, or the 0/1 undo mask)."""
     if foreach:
-        return torch._foreach_mul(tensors, scale.to(tensors[0].dtype))
-    return [t * scale.to(t.dtype) for t in tensors]
+        return torch._foreach_mul(tensors, scale.to(device=tensors[0].device, dtype=tensors[0].dtype))
+    return [t * scale.to(device=t.device, dtype=t.dtype) for t in tensors]
 
 
 def _add_(params: list, tensors: list, alpha: float, foreach: bool) -> None:

@@ -75,7 +75,7 @@ def test_paths_reproduce_reference_in_float64(foreach, sync_free, weight_decay):
                    foreach=foreach, sync_free=sync_free, **EXACT)
     hs = train(opt, model, x, y, 50)
     assert len(set(ref_hs)) > 2, "the reference run should both grow and shrink h"
-    assert hs == pytest.approx(ref_hs, rel=1e-12)
+    assert hs == pytest.approx(ref_hs, rel=1e-12, abs=0)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
@@ -113,7 +113,7 @@ def test_host_and_tensor_rules_decide_alike(rollback, resolution):
         h_float, undo_float, _ = next_step_size_float(h, sq, fx, fxp, **rule)
         as_t = lambda v: torch.tensor(v, dtype=torch.float64)
         h_tensor, undo_tensor, _ = next_step_size_tensor(as_t(h), as_t(sq), as_t(fx), as_t(fxp), **rule)
-        assert h_float == pytest.approx(float(h_tensor), rel=1e-15), (h, sq, fx, fxp)
+        assert h_float == pytest.approx(float(h_tensor), rel=1e-15, abs=0), (h, sq, fx, fxp)
         assert undo_float == (False if undo_tensor is None else bool(undo_tensor)), (h, sq, fx, fxp)
 
 
@@ -235,7 +235,7 @@ def test_resolution_guard_grows_h_that_the_loss_cannot_resolve():
     model = small_mlp()
     guarded = LossGrad(model.parameters(), lr=1e-12)
     train(guarded, model, x, y, 10)
-    assert guarded.param_groups[0]["lr"] == pytest.approx(1e-12 * 1.05 ** 10)
+    assert guarded.param_groups[0]["lr"] == pytest.approx(1e-12 * 1.05 ** 10, rel=1e-12, abs=0)
 
 
 @pytest.mark.parametrize("sync_free", [False, True])
@@ -385,7 +385,7 @@ def test_groups_with_different_weight_decay_follow_the_reference():
         hs_ref.append(h)
     opt = LossGrad([{"params": model[0].parameters(), "weight_decay": wd},
                     {"params": [p for m in list(model)[1:] for p in m.parameters()]}], lr=1e-2, **EXACT)
-    assert train(opt, model, x, y, 20) == pytest.approx(hs_ref, rel=1e-12)
+    assert train(opt, model, x, y, 20) == pytest.approx(hs_ref, rel=1e-12, abs=0)
 
 
 def test_closure_errors_say_what_to_pass():
