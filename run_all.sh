@@ -73,6 +73,10 @@ if [ ${#notebooks[@]} -eq 0 ]; then
   exit 2
 fi
 
+if [ "$profile" = smoke ]; then
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # tiny models: one thread is faster and shares the machine well
+fi
+
 yaml="overrides: {}"
 tag="$profile"
 if [ ${#overrides[@]} -gt 0 ]; then

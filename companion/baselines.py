@@ -27,6 +27,7 @@ __all__ = [
     "multistep",
     "OPTIMIZER_NAMES",
     "make_optimizer",
+    "adam_steps",
 ]
 
 
@@ -261,6 +262,7 @@ _ACCEPTED = {
     "sgd_multistep": _SGD_OPTIONS | {"milestones", "gamma"},
     "wngrad": {"lr", "weight_decay"},
     "l4": {"alpha", "gamma", "tau", "eps", "gamma0", "weight_decay"},
+    "adam_steps": {"lr", "beta1", "beta2", "weight_decay", "milestones", "factors"},
 }
 OPTIMIZER_NAMES = tuple(_ACCEPTED) + ("lossgrad",)
 
@@ -284,6 +286,9 @@ def make_optimizer(name: str, params, **options) -> tuple[Optimizer, LRScheduler
       wngrad         lr (b0 = 1/lr), weight_decay [0]
       l4             alpha [0.15], gamma [0.9], tau [1000], eps [1e-12], gamma0 [0.75],
                      weight_decay [0]
+      adam_steps     lr, beta1 [0.9], beta2 [0.999], weight_decay [0], milestones [()],
+                     factors [()]: lr multiplied by each factor once that many epochs finished
+                     (the WAE paper's "original" optimizer: lr 1e-3, beta1 0.5, (30, 50), (0.5, 0.2))
       lossgrad       every option passed straight to lossgrad.LossGrad
     ``epochs`` is accepted (and ignored) by every name, so a notebook can pass it
     uniformly. Any other unknown option is a TypeError (catches typos).
@@ -307,6 +312,10 @@ def make_optimizer(name: str, params, **options) -> tuple[Optimizer, LRScheduler
     if name == "l4":
         kw = {k: v for k, v in options.items() if k != "epochs"}
         return L4SGD(params, **kw), None
+    if name == "adam_steps":
+        return adam_steps(params, lr=options.get("lr", 1e-3), betas=(options.get("beta1", 0.9), options.get("beta2", 0.999)),
+                          weight_decay=options.get("weight_decay", 0.0), milestones=options.get("milestones", ()),
+                          factors=options.get("factors", ()))
 
     opt = _sgd(params, options)
     if name == "sgd":
@@ -329,3 +338,25 @@ def _takes_option(cls, option: str) -> bool:
     """Whether ``cls(...)`` accepts keyword ``option`` (by name or through **kwargs)."""
     params = inspect.signature(cls).parameters.values()
     return any(p.name == option or p.kind is p.VAR_KEYWORD for p in params)
+
+
+class _PiecewiseFactor:
+    """lr factor after ``epoch`` finished epochs: the product of the factors of the milestones passed."""
+
+    def __init__(self, milestones, factors):
+        self.milestones, self.factors = tuple(milestones), tuple(factors)
+
+    def __call__(self, epoch: int) -> float:
+        return math.prod(f for m, f in zip(self.milestones, self.factors) if epoch >= m)
+
+
+def adam_steps(params, lr: float = 1e-3, betas=(0.9, 0.999), weight_decay: float = 0.0,
+               milestones=(), factors=()) -> tuple[Optimizer, LambdaLR]:
+    """Adam whose lr is multiplied by ``factors[i]`` once ``milestones[i]`` epochs have finished.
+
+    With lr 1e-3, betas (0.5, 0.999), milestones (30, 50) and factors (0.5, 0.2) it is the WAE paper's
+    optimizer for WAE-MMD (the official code, tolstikhin/wae: lr halved at epoch 30, divided by 5 at 50)."""
+    if len(milestones) != len(factors):
+        raise ValueError(f"need one factor per milestone, got milestones={milestones} and factors={factors}")
+    opt = torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    return opt, LambdaLR(opt, _PiecewiseFactor(milestones, factors))

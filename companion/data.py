@@ -688,6 +688,9 @@ def load(name: str, profile: str, root=None, **kw) -> dict:
 
 def take(split: tuple, n: int | None) -> tuple:
     """The first ``n`` examples of a split (all of it for ``None``): the quick and smoke profiles' subsets."""
+    if not isinstance(split, tuple):
+        raise TypeError(f"take expects a split as a tuple of tensors, e.g. (images, labels); got {type(split).__name__}"
+                        " (wrap a single tensor as (x,))")
     if n is None:
         return split
     if n < 1:

@@ -588,31 +588,4 @@ class SmallWAE(nn.Module):
         return self.decoder(z), z
 
 
-class _PiecewiseFactor:
-    """lr factor after ``epoch`` finished epochs: the product of the factors of the milestones passed."""
-
-    def __init__(self, milestones, factors):
-        self.milestones, self.factors = tuple(milestones), tuple(factors)
-
-    def __call__(self, epoch: int) -> float:
-        return math.prod(f for m, f in zip(self.milestones, self.factors) if epoch >= m)
-
-
-def wae_original_optimizer(params, lr: float = 1e-3, beta1: float = 0.5, beta2: float = 0.999,
-                           milestones=(30, 50), factors=(0.5, 0.2), epochs: int | None = None):
-    """The optimizer of the WAE paper for WAE-MMD: Adam, lr 1e-3, β1 = 0.5, with the lr halved after
-    30 epochs and divided by 5 more after 50 (the "original" row of the LOSSGRAD paper's WAE table).
-
-    Sources: the official code (tolstikhin/wae, wae.py) divides its lr by 2 at epoch 30 and by 5 at
-    epoch 50 (0-based epochs, i.e. after 30 and 50 finished epochs) under lr_schedule 'manual';
-    a version of its configs.py notes lr 0.001 for WAE-MMD on CelebA with adam_beta1 0.5.
-    β2 is Adam's default. Returns ``(optimizer, scheduler)`` like ``companion.baselines.make_optimizer``
-    (the scheduler is stepped once per epoch); ``epochs`` is accepted and ignored for that reason.
-    """
-    if len(milestones) != len(factors):
-        raise ValueError(f"need one factor per milestone, got {milestones} and {factors}")
-    opt = torch.optim.Adam(params, lr=lr, betas=(beta1, beta2))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _PiecewiseFactor(milestones, factors))
-
-
-__all__ += ["WAEMMDTask", "SmallWAE", "wae_original_optimizer"]
+__all__ += ["WAEMMDTask", "SmallWAE"]

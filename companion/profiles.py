@@ -73,11 +73,24 @@ def resolve(profile: str, overrides: dict | None, *, paper: dict, quick: dict, s
         unknown = sorted(set(changes) - set(paper))
         if unknown:
             raise ValueError(f"{label} sets unknown setting(s) {unknown}; known settings: {sorted(paper)}")
+    overrides = {k: _like(paper[k], v, k) for k, v in overrides.items()}
     values = dict(paper)
     values.update({"paper": {}, "quick": quick, "smoke": smoke}[profile])
     values.update(overrides)
     changed = sorted(k for k in values if values[k] != paper[k])
     return Settings(profile=profile, overrides=overrides, changed=changed, **values)
+
+
+def _like(reference, value, name: str):
+    """``value`` as the type of the paper's ``reference`` where it came as text (YAML reads 1e-4 as a string)."""
+    if isinstance(reference, list) and isinstance(value, list):
+        return [_like(reference[0], v, name) if reference else v for v in value]
+    if isinstance(value, str) and isinstance(reference, (int, float)) and not isinstance(reference, bool):
+        try:
+            return type(reference)(float(value)) if isinstance(reference, float) else int(value)
+        except ValueError:
+            raise ValueError(f"setting {name!r} needs a number like {reference!r}, got {value!r}") from None
+    return value
 
 
 def _check_profile(profile: str) -> None:

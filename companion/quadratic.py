@@ -153,3 +153,44 @@ def first_overshoot(run: dict) -> int:
     The number of steps if it never did."""
     above = torch.nonzero(run["h"] > run["h_star"])
     return int(above[0]) if len(above) else len(run["h"])
+
+
+# ------------------------------------------------- many quadratics at once
+def random_problems(n: int, kappa_max: float, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """``n`` random quadratics (condition numbers log-uniform in [1, kappa_max]) and starts: (kappa, A, x0)."""
+    kappa = torch.exp(torch.rand(n, generator=generator, dtype=DTYPE) * math.log(kappa_max))
+    a = torch.stack([random_quadratic(float(k), generator) for k in kappa])
+    x0 = torch.stack([random_start(generator) for _ in range(n)])
+    return kappa, a, x0
+
+
+def run_batched(a: Tensor, x0: Tensor, steps: int, method: str, h0: float = 1e-4, c: float = 1.05) -> dict:
+    """Exact line search, the best fixed step, or LOSSGRAD (Algorithm 1) on many quadratics at once.
+
+    ``method``: ``'exact'``, ``'fixed'`` or ``'lossgrad'``. Returns f (n, steps+1), h and h* (n, steps); entries after a
+    run reached the bottom of float64 (f < 1e-250) are NaN. The per-problem loop is
+    :func:`run_lossgrad` with the real optimizer; a test checks that both agree."""
+    if method not in ("exact", "fixed", "lossgrad"):
+        raise ValueError(f"method must be 'exact', 'fixed' or 'lossgrad', got {method!r}")
+    quad = lambda x: 0.5 * torch.einsum("ni,nij,nj->n", x, a, x)
+    eig = torch.linalg.eigvalsh(a)
+    fixed = 2.0 / (eig[:, 0] + eig[:, 1])
+    x, h = x0.clone(), torch.full((len(a),), h0, dtype=DTYPE)
+    fs, hs, h_stars = [quad(x)], [], []
+    for _ in range(steps):
+        g = torch.einsum("nij,nj->ni", a, x)
+        gg = (g * g).sum(1)
+        h_star = gg / torch.einsum("ni,nij,nj->n", g, a, g)
+        step = {"exact": h_star, "fixed": fixed, "lossgrad": h}[method]
+        x_new = x - step[:, None] * g
+        f_new = quad(x_new)
+        if method == "lossgrad":
+            lred = h * gg
+            ratio = (f_new - fs[-1] + lred) / lred
+            h = torch.where(ratio <= 0.5, h * c, h / c)
+        alive = fs[-1] >= 1e-250
+        hs.append(torch.where(alive, step, math.nan))
+        h_stars.append(torch.where(alive, h_star, math.nan))
+        fs.append(torch.where(alive, f_new, math.nan))
+        x = x_new
+    return {"f": torch.stack(fs, 1), "h": torch.stack(hs, 1), "h_star": torch.stack(h_stars, 1)}

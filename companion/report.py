@@ -29,7 +29,7 @@ def palette(labels: Sequence[str]) -> dict:
     """Stable colours: the same label gets the same colour in every figure of a notebook."""
     import seaborn as sns
 
-    colours = sns.color_palette("colorblind", n_colors=max(len(labels), 1))
+    colours = sns.color_palette("tab10" if len(labels) <= 10 else "husl", n_colors=max(len(labels), 1))
     return dict(zip(labels, colours))
 
 
@@ -75,7 +75,8 @@ def summary_table(results: Sequence[dict], metrics: Sequence[str], paper: Option
         runs = [r for r in results if r["label"] == label]
         row = {"method": label, "seeds": len(runs)}
         for metric in metrics:
-            row[f"{metric} (ours)"] = mean_std([final_metrics(r).get(metric, math.nan) for r in runs], digits)
+            values = [final_metrics(r).get(metric) for r in runs]
+            row[f"{metric} (ours)"] = "–" if None in values else mean_std(values, digits)
             if paper is not None:
                 value = paper.get(label, {}).get(metric)
                 row[f"{metric} ({PAPER_COLUMN})"] = "–" if value is None else f"{value:g}"
@@ -158,6 +159,7 @@ def plot_epoch_metric(results: Sequence[dict], metric: str, ax=None, logy: bool 
     sns.lineplot(frame, x="epoch", y=metric, hue="label", errorbar="sd", ax=ax, palette=colours)
     if logy:
         ax.set_yscale("log")
+        plain_log_ticks(ax)
     ax.set_title(title or metric.replace("_", " "))
     ax.legend(fontsize=8)
     return ax
@@ -296,8 +298,8 @@ def plot_step_series_per_epoch(results: Sequence[dict], key: str = "lr", how: st
         ax.set_yscale("log")
         plain_log_ticks(ax)
     name = {"lr": "step size h", "loss": "batch loss"}.get(key, key)
-    ax.set_ylabel(f"{name} ({how} per epoch)")
-    ax.set_title(title or ax.get_ylabel())
+    ax.set_ylabel(name)
+    ax.set_title(title or f"{name} ({how} per epoch)")
     ax.legend(fontsize=8)
     return ax
 
@@ -371,17 +373,30 @@ def plot_loss_and_step_size(result: dict, ax=None, first: Optional[int] = None, 
 
 
 def plain_log_ticks(ax, axis: str = "y"):
-    """Label a log axis with plain numbers (2.3, 0.01, 1e-06) instead of 2.3×10⁰: readable when a
-    metric spans less than a decade (a test loss from 2.3 to 1.1). Matplotlib still decides which
-    ticks get a label. Returns ``ax``."""
-    from matplotlib.ticker import LogFormatter
-
+    """Label the in-between ticks of a log axis with plain numbers (2.3, 2.31) instead of 2.3×10⁰:
+    readable when a metric spans less than a decade (a test loss from 2.3 to 1.1), where only those
+    ticks carry labels. Decades keep their 10ⁿ labels; matplotlib still decides which ticks get a
+    label, and each label gets the fewest significant digits that keep neighbours apart. Returns ``ax``."""
     if axis not in ("x", "y"):
         raise ValueError(f"axis must be 'x' or 'y', got {axis!r}")
     target = ax.yaxis if axis == "y" else ax.xaxis
-    target.set_major_formatter(LogFormatter())
-    target.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    target.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False))
     return ax
+
+
+class _PlainLogFormatter(matplotlib.ticker.LogFormatter):
+    """LogFormatter's choice of labelled ticks, written as '%.<k>g' with k just large enough."""
+
+    digits = 2
+
+    def set_locs(self, locs=None):
+        super().set_locs(locs)
+        low, high = sorted(self.axis.get_view_interval())
+        shown = [v for v in (locs if locs is not None else []) if low <= v <= high]
+        self.digits = next((k for k in range(2, 8) if len({f"{v:.{k}g}" for v in shown}) == len(shown)), 8)
+
+    def __call__(self, x, pos=None):
+        return f"{x:.{self.digits}g}" if super().__call__(x, pos) else ""
 
 
 def step_size_at_spikes(lr: torch.Tensor, spike_steps: torch.Tensor, window: int = 200,

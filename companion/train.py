@@ -284,6 +284,8 @@ class Experiment:
     eval_train: bool = True
     on_finish: Optional[Callable[[nn.Module], dict]] = None
     progress: bool = True
+    config: Optional[dict] = None  # settings that shape the model or data (part of every run's identity)
+    eval_batch_size: int = 1000
 
     def __post_init__(self):
         self.store = RunStore(self.notebook, self.profile, self.overrides)
@@ -293,8 +295,13 @@ class Experiment:
 
         Returns ``dict(label, optimizer, options, seed, epochs=[per-epoch metrics],
         steps=dict(loss, lr, ratio), diverged, seconds, device, torch, extra)``."""
+        model_name = getattr(self.model_fn, "__name__", None) or repr(self.model_fn)
         config = dict(notebook=self.notebook, optimizer=optimizer, options=options, seed=seed, epochs=self.epochs,
-                      batch_size=self.batch_size, n_train=len(self.train_data[0]), model=self.model_fn.__name__)
+                      batch_size=self.batch_size, n_train=len(self.train_data[0]), model=model_name)
+        if self.config:
+            config["settings"] = self.config
+        if self.overrides:
+            config["overrides"] = self.overrides
 
         def compute(checkpoint: Path) -> dict:
             seed_everything(seed)
@@ -303,7 +310,7 @@ class Experiment:
             history = fit(model, opt, self.task, self.train_data, self.test_data, epochs=self.epochs,
                           batch_size=self.batch_size, device=self.device, seed=seed, scheduler=scheduler,
                           augment=self.augment, checkpoint=checkpoint, eval_train=self.eval_train,
-                          progress=self.progress, desc=f"{label} seed {seed}")
+                          eval_batch_size=self.eval_batch_size, progress=self.progress, desc=f"{label} seed {seed}")
             extra = self.on_finish(model) if self.on_finish is not None else {}
             return dict(history, extra=extra, device=device_name(self.device), torch=torch.__version__)
 

@@ -209,6 +209,7 @@ NAME_OPTIONS = {
     "sgd_multistep": dict(lr=0.1, milestones=(1, 2)),
     "wngrad": dict(lr=0.1),
     "l4": dict(),
+    "adam_steps": dict(lr=1e-3, milestones=(1,), factors=(0.5,)),
     "lossgrad": dict(lr=1e-3),
 }
 
@@ -223,7 +224,7 @@ def test_make_optimizer_builds_and_steps(name):
     opt.zero_grad()
     loss = closure()
     loss.backward()
-    if name.startswith("sgd"):
+    if name.startswith(("sgd", "adam")):
         opt.step()
     else:
         opt.step(closure, loss=loss)
@@ -259,3 +260,20 @@ def test_make_optimizer_errors():
         B.make_optimizer("sgd_trapezoid", params, lr=0.1)
     opt, _ = B.make_optimizer("wngrad", params, lr=0.1, epochs=30)  # epochs is always accepted
     assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_adam_steps_is_adam_with_the_wae_papers_schedule():
+    make_optimizer = B.make_optimizer
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    opt, sched = make_optimizer("adam_steps", params, lr=1e-3, beta1=0.5, milestones=(30, 50), factors=(0.5, 0.2),
+                                epochs=80)
+    assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["betas"] == (0.5, 0.999)
+    lrs = []
+    for _ in range(60):
+        lrs.append(opt.param_groups[0]["lr"])  # the lr of epoch len(lrs)
+        opt.step()
+        sched.step()
+    assert lrs[29] == pytest.approx(1e-3) and lrs[30] == pytest.approx(5e-4)
+    assert lrs[49] == pytest.approx(5e-4) and lrs[50] == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="factor"):
+        make_optimizer("adam_steps", params, milestones=(30,), factors=(0.5, 0.2))

@@ -56,3 +56,18 @@ def test_slice_ratio_crosses_one_half_at_the_exact_step_on_a_quadratic():
     assert torch.equal(x.detach(), torch.tensor([1.0, -1.0], dtype=torch.float64))  # restored
     parabola = Q.parabola(s, 1.3 * h_star)
     assert torch.allclose(parabola(s["t"]), s["phi"], atol=1e-9)  # a quadratic is its own parabola
+
+
+def test_batched_runs_agree_with_the_real_optimizer_and_the_loops():
+    g = torch.Generator().manual_seed(3)
+    kappa, a, x0 = Q.random_problems(4, 100.0, g)
+    batched = {m: Q.run_batched(a, x0, 200, m, h0=1e-3, c=1.1) for m in ("exact", "fixed", "lossgrad")}
+    for i in range(4):
+        loops = {"exact": Q.run_exact_line_search(a[i], x0[i], 200),
+                 "fixed": Q.run_fixed_step(a[i], x0[i], 200, Q.best_fixed_step(a[i])),
+                 "lossgrad": Q.run_lossgrad(a[i], x0[i], 200, h0=1e-3, c=1.1, rollback=None, resolution_guard=False)}
+        for method, loop in loops.items():
+            n = len(loop["h"])
+            assert torch.allclose(batched[method]["h"][i, :n], loop["h"], rtol=1e-12, atol=0), method
+            # f agrees to rounding: the optimizer's fused x - h*g and the batched form round differently
+            assert torch.allclose(batched[method]["f"][i, : n + 1], loop["f"], rtol=1e-6, atol=0), method

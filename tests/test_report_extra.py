@@ -166,14 +166,32 @@ def test_cifar10_normalized_cuts_then_standardises_the_smoke_stand_in():
 
 # ------------------------------------------------------------------ plain_log_ticks
 def test_plain_log_ticks_label_a_narrow_log_axis_with_plain_numbers():
+    def minor_labels(plain):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [2.300, 2.305])
+        ax.set_yscale("log")
+        if plain:
+            R.plain_log_ticks(ax)
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ax.get_yticklabels(minor=True) if t.get_text()]
+        plt.close(fig)
+        return labels
+
+    assert any("times" in s for s in minor_labels(plain=False))  # matplotlib's default: 2.3x10^0 mathtext
+    labels = minor_labels(plain=True)
+    assert labels and not any("times" in s or "^" in s for s in labels)
+    assert any(s.startswith("2.30") for s in labels)
+    with pytest.raises(ValueError, match="axis"):
+        R.plain_log_ticks(plt.gca(), axis="z")
+
+
+def test_plain_log_ticks_keep_neighbouring_labels_apart():
     fig, ax = plt.subplots()
-    ax.plot([0, 1], [2.300, 2.305])
+    ax.plot([0, 1], [1e-4, 1.007e-4])  # a step size that hardly moved (c = 1.001)
     ax.set_yscale("log")
     R.plain_log_ticks(ax)
     fig.canvas.draw()
-    labels = [t.get_text() for t in ax.get_yticklabels(minor=True) + ax.get_yticklabels() if t.get_text()]
-    assert labels and not any("times" in s or "^" in s for s in labels)  # no 2.3x10^0 mathtext
-    assert any(s.startswith("2.30") for s in labels)
-    with pytest.raises(ValueError, match="axis"):
-        R.plain_log_ticks(ax, axis="z")
+    labels = [t.get_text() for t in ax.get_yticklabels(minor=True) if t.get_text()]
     plt.close(fig)
+    assert len(labels) >= 3 and len(set(labels)) == len(labels)
+    assert all(float(s) == pytest.approx(1e-4, rel=0.01) for s in labels)

@@ -143,17 +143,40 @@ def test_training_with_lossgrad_runs_and_is_reproducible(images):
     assert a["epochs"][-1]["test_loss"] == b["epochs"][-1]["test_loss"]
 
 
-# ----------------------------------------------------------------------------- original optimizer
-def test_original_optimizer_is_adam_with_the_wae_schedule():
-    params = [torch.nn.Parameter(torch.zeros(3))]
-    opt, sched = M.wae_original_optimizer(params, epochs=80)
-    assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["betas"] == (0.5, 0.999)
-    lrs = []
-    for _ in range(60):
-        lrs.append(opt.param_groups[0]["lr"])  # the lr of epoch len(lrs)
-        opt.step()
-        sched.step()
-    assert lrs[29] == pytest.approx(1e-3) and lrs[30] == pytest.approx(5e-4)
-    assert lrs[49] == pytest.approx(5e-4) and lrs[50] == pytest.approx(1e-4)
-    with pytest.raises(ValueError, match="factor"):
-        M.wae_original_optimizer(params, milestones=(30,), factors=(0.5, 0.2))
+# ----------------------------------------------------------------------------- helpers the notebooks 06/07 use
+def test_random_subset_is_seeded_and_not_the_first_examples():
+    labels = torch.cat([torch.zeros(500), torch.ones(500)])  # ordered like the IMDb files
+    split = (torch.arange(1000), labels)
+    a, b = D.random_subset(split, 200, seed=0), D.random_subset(split, 200, seed=0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], labels[a[0]])  # rows stay aligned
+    assert len(set(a[0].tolist())) == 200 and 0.35 < float(a[1].mean()) < 0.65
+    assert not torch.equal(a[0], D.random_subset(split, 200, seed=1)[0])
+    assert D.random_subset(split, None) is split
+    with pytest.raises(ValueError, match="count"):
+        D.random_subset(split, 1001)
+
+
+def test_ratio_summary_recovers_the_curvature_of_a_quadratic():
+    """On f(x) = kappa/2 ||x||^2 the ratio is exactly h*kappa/2: the summary must return kappa, and
+    LOSSGRAD's h must settle at the line-search step 1/kappa (within its factor c)."""
+    from companion import report as R
+
+    kappa = 40.0
+    x = torch.nn.Parameter(torch.ones(5))
+    opt = LossGrad([x], lr=1e-4, c=1.05, rollback=None, resolution_guard=False)
+    lr, ratio = [], []
+    for _ in range(400):
+        lr.append(float(opt.param_groups[0]["lr"]))
+        opt.zero_grad()
+        opt.step(lambda: 0.5 * kappa * (x.double() ** 2).sum())
+        ratio.append(float(opt.last["ratio"]))
+        with torch.no_grad():
+            x.copy_(torch.ones(5))  # keep the loss far from 0, where the ratio stays readable
+    run = {"label": "LOSSGRAD", "steps": {"lr": torch.tensor(lr), "ratio": torch.tensor(ratio)}}
+    got = R.lossgrad_ratio_summary(run, window=100)
+    assert got["curvature"] == pytest.approx(kappa, rel=1e-6)
+    assert got["line_search_h"] == pytest.approx(1 / kappa, rel=1e-6)
+    assert 1 / (1.05 * kappa) <= got["settled_h"] <= 1.05 / kappa
+    assert 0.3 < got["shrink_share"] < 0.7 and got["ratio_one_share"] == 0.0
+    with pytest.raises(ValueError, match="LOSSGRAD"):
+        R.lossgrad_ratio_summary({"label": "SGD", "steps": {"lr": torch.ones(3), "ratio": torch.empty(0)}}, 1)
