@@ -415,3 +415,28 @@ def step_size_at_spikes(lr: torch.Tensor, spike_steps: torch.Tensor, window: int
     random_steps = torch.randint(window, len(lr), (max(len(valid), 1) * 20,),
                                  generator=generator or torch.Generator().manual_seed(0))
     return {"at_spikes": score(valid), "at_random_steps": score(random_steps)}
+
+
+def plot_lossgrad_ratio(lossgrad_runs: Sequence[dict], sgd_lrs: Sequence[float] = (), colours: Optional[dict] = None):
+    """Why LOSSGRAD's step size ends where it does: its ratio per epoch (left), and its step size against the
+    line-search step 1/κ that the ratio implies on a locally quadratic loss (ratio = h·κ/2), with the SGD rates
+    (right). Returns the figure; epochs whose median curvature is not positive get no line-search step."""
+    import matplotlib.pyplot as plt
+
+    first = lossgrad_runs[0]
+    steps_per_epoch = len(first["steps"]["lr"]) // max(1, len(first["epochs"]) - 1)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    plot_step_series_per_epoch(lossgrad_runs, "ratio", how="median", ax=axes[0], logy=False, colours=colours,
+                               title="LOSSGRAD: median ratio per epoch")
+    axes[0].axhline(0.5, ls="--", lw=1, color="0.4")
+    plot_step_series_per_epoch(lossgrad_runs, "lr", how="median", ax=axes[1], colours=colours,
+                               title="LOSSGRAD: step size vs line-search step")
+    for r in lossgrad_runs:
+        curvature = (2 * r["steps"]["ratio"] / r["steps"]["lr"]).view(-1, steps_per_epoch).median(1).values
+        axes[1].plot(np.arange(1, len(curvature) + 1), torch.where(curvature > 0, 1 / curvature, float("nan")), ":",
+                     color="0.3", label="1/κ (line-search step)" if r["seed"] == 0 else None)
+    for lr in sgd_lrs:
+        label = f"SGD lr={lr:g}"
+        axes[1].axhline(lr, ls="--", lw=1, color=None if colours is None else colours.get(label), label=label)
+    axes[1].legend(fontsize=8)
+    return fig
