@@ -202,7 +202,7 @@ class LossGrad(Optimizer):
 
         # F(x), ||G||^2, and the step x' = x - hG
         f_x = loss.detach()
-        sq_norm, reg_x, directions = _directions(groups, self.foreach)
+        sq_norm, reg_x, directions = _directions(groups, self.foreach, host=not sync_free)
         if sync_free:
             deltas = [_scaled(d, -h, self.foreach) for d in directions]
             for (params, _, _), delta in zip(groups, deltas):
@@ -212,7 +212,7 @@ class LossGrad(Optimizer):
                 _add_(params, direction, -h, self.foreach)
 
         f_xp = self._probe(closure, rng_at_x, devices)
-        reg_xp = _regulariser(groups, self.foreach)
+        reg_xp = _regulariser(groups, self.foreach, host=not sync_free)
         f_x, f_xp = self._all_reduce_mean(f_x, f_xp)
         eps = torch.finfo(loss.dtype).eps if loss.dtype.is_floating_point else torch.finfo(torch.float32).eps
         resolution = RESOLUTION_ULPS * eps if options["resolution_guard"] else 0.0
@@ -226,8 +226,7 @@ class LossGrad(Optimizer):
                     _add_(params, _scaled(delta, undo, self.foreach), -1.0, self.foreach)
             h.copy_(new_h)
         else:
-            new_h, undo, ratio = next_step_size_float(
-                h, float(sq_norm), float(f_x + reg_x), float(f_xp + reg_xp), **rule)
+            new_h, undo, ratio = next_step_size_float(h, sq_norm, f_x.item() + reg_x, f_xp.item() + reg_xp, **rule)
             if undo:
                 for (params, _, _), direction in zip(groups, directions):
                     _add_(params, direction, h, self.foreach)
@@ -340,14 +339,16 @@ def _foreach_available() -> bool:
     return hasattr(torch, "_foreach_add_") and hasattr(torch, "_foreach_mul")
 
 
-def _sq_sum(tensors: list, foreach: bool) -> Tensor:
-    """sum_i ||t_i||^2 as a 0-dim float64 tensor (float32 where float64 is unavailable)."""
+def _sq_sum(tensors: list, foreach: bool, host: bool = False):
+    """sum_i ||t_i||^2: a Python float when ``host``, else a 0-dim float64 tensor (float32 where float64 is missing)."""
     if foreach and hasattr(torch, "_foreach_powsum"):
         parts = torch._foreach_powsum(tensors, 2)
     elif foreach:
         parts = [n * n for n in torch._foreach_norm(tensors)]
     else:
         parts = [t.square().sum() for t in tensors]
+    if host:
+        return math.fsum(p.item() for p in parts)
     device = tensors[0].device
     dtype = _h_dtype(device)
     if len({(p.dtype, p.device) for p in parts}) > 1:
@@ -355,25 +356,25 @@ def _sq_sum(tensors: list, foreach: bool) -> Tensor:
     return torch.stack(parts).sum(dtype=dtype)
 
 
-def _directions(groups, foreach: bool):
+def _directions(groups, foreach: bool, host: bool):
     """G = g + wd x per group, ||G||^2 summed over all groups, and the regulariser at x."""
-    directions, sq_norm, reg = [], 0, 0
+    directions, sq_norm = [], 0
     for params, grads, wd in groups:
         if wd:
-            reg = reg + 0.5 * wd * _sq_sum(params, foreach)
             d = torch._foreach_add(grads, params, alpha=wd) if foreach else [g.add(p, alpha=wd) for g, p in zip(grads, params)]
         else:
             d = grads
         directions.append(d)
-        sq_norm = sq_norm + _sq_sum(d, foreach)
-    return sq_norm, reg, directions
+        sq_norm = sq_norm + _sq_sum(d, foreach, host)
+    return sq_norm, _regulariser(groups, foreach, host), directions
 
 
-def _regulariser(groups, foreach: bool):
+def _regulariser(groups, foreach: bool, host: bool):
+    """sum over groups of wd/2 ||x||^2 at the current parameters."""
     reg = 0
     for params, _, wd in groups:
         if wd:
-            reg = reg + 0.5 * wd * _sq_sum(params, foreach)
+            reg = reg + 0.5 * wd * _sq_sum(params, foreach, host)
     return reg
 
 
