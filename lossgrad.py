@@ -27,11 +27,13 @@ the gradients (for :math:`\lVert G\rVert^2`); no copy of the weights is made.
 
 Two guards, on by default, change Algorithm 1 only where it fails
 -----------------------------------------------------------------
-* ``resolution_guard``: when :math:`\ell < \kappa\,\varepsilon\,|F(x)|` (:math:`\varepsilon`
-  the machine epsilon of the loss dtype, :math:`\kappa` = ``RESOLUTION_ULPS``) the difference
-  :math:`F(x') - F(x)` is rounding noise and :math:`r` says nothing; :math:`h` grows. Without
-  it a small initial :math:`h` drifts down forever, because a loss difference that rounds to
-  zero reads as :math:`r = 1`.
+* ``resolution_guard``: a step is *unresolved* when both :math:`\ell` and :math:`|F(x') - F(x)|`
+  are below :math:`\kappa\,\varepsilon\,|F(x)|` (:math:`\varepsilon` the machine epsilon of the loss
+  dtype, :math:`\kappa` = ``RESOLUTION_ULPS``): the difference is rounding noise and :math:`r` says
+  nothing. Until the first resolved step, :math:`h` then grows (a too-small initial :math:`h`);
+  after it, :math:`h` is kept (a converged loss, where there is nothing left to resolve, must not
+  push :math:`h` up). Without the guard a small initial :math:`h` drifts down forever, because a
+  loss difference that rounds to zero reads as :math:`r = 1`.
 * ``rollback``: ``'nonfinite'`` undoes a step whose probe loss :math:`F(x')` is not finite and
   shrinks :math:`h`; ``'increase'`` also undoes a step whose probe loss exceeds :math:`F(x)` by
   more than that resolution (an acceptance test on the same batch); ``None`` never undoes.
@@ -86,8 +88,8 @@ class LossGrad(Optimizer):
         weight_decay: :math:`\lambda` of the regulariser :math:`\tfrac{\lambda}{2}\lVert x\rVert^2`,
             which is part of the objective: it enters the gradient, the prediction and the probe.
         rollback: ``'nonfinite'`` (default), ``'increase'`` or ``None``; see the module docstring.
-        resolution_guard: grow :math:`h` while its predicted decrease is below the loss's
-            floating-point resolution (default ``True``). Leave it on.
+        resolution_guard: while a step is below the loss's floating-point resolution, grow
+            :math:`h` at start-up and keep it later (default ``True``). Leave it on.
         min_lr, max_lr: optional bounds on :math:`h` (default 0 and infinity).
         foreach: use the multi-tensor ``torch._foreach_*`` kernels (default: when available).
             Both paths compute the same thing.
@@ -155,8 +157,12 @@ class LossGrad(Optimizer):
         self.process_group = process_group
         self.last: dict = {}
         self._norm_layers: Optional[list] = None  # found on the first probe
+        self.state["resolved"] = False  # kept in state_dict(): the guard's start-up is over once True
+        self._constructed = True
 
     def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_constructed", False) and "lr" not in param_group:
+            param_group = dict(param_group, lr=self.param_groups[0]["lr"])  # joins at the current h, not h0
         wd = param_group.get("weight_decay", self.defaults["weight_decay"])
         if not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
@@ -219,18 +225,21 @@ class LossGrad(Optimizer):
         rule = dict(c=options["c"], rollback=options["rollback"], resolution=resolution,
                     min_lr=options["min_lr"], max_lr=options["max_lr"])
 
+        resolved = self.state["resolved"]  # has a step been resolved yet (the guard's start-up)?
         if sync_free:
-            new_h, undo, ratio = next_step_size_tensor(h, sq_norm, f_x + reg_x, f_xp + reg_xp, **rule)
+            resolved = torch.as_tensor(resolved, device=h.device)
+            h, undo, ratio, resolved = next_step_size_tensor(h, sq_norm, f_x + reg_x, f_xp + reg_xp, resolved, **rule)
             if undo is not None:
                 for (params, _, _), delta in zip(groups, deltas):
                     _add_(params, _scaled(delta, undo, self.foreach), -1.0, self.foreach)
-            h.copy_(new_h)
         else:
-            new_h, undo, ratio = next_step_size_float(h, sq_norm, f_x.item() + reg_x, f_xp.item() + reg_xp, **rule)
+            new_h, undo, ratio, resolved = next_step_size_float(h, sq_norm, f_x.item() + reg_x, f_xp.item() + reg_xp,
+                                                                bool(resolved), **rule)
             if undo:
                 for (params, _, _), direction in zip(groups, directions):
                     _add_(params, direction, h, self.foreach)
             h = new_h
+        self.state["resolved"] = resolved
         for group in self.param_groups:
             group["lr"] = h
         self.last = dict(loss=f_x, probe_loss=f_xp, ratio=ratio, undone=undo, sq_grad_norm=sq_norm)
@@ -275,15 +284,17 @@ class LossGrad(Optimizer):
         dist = torch.distributed
         if self.process_group is None and not (dist.is_available() and dist.is_initialized()):
             return f_x, f_xp
-        pair = torch.stack([f_x.float(), f_xp.float()])
+        pair = torch.stack([f_x, f_xp]).to(_h_dtype(f_x.device))
         dist.all_reduce(pair, op=dist.ReduceOp.SUM, group=self.process_group)
         pair = pair / dist.get_world_size(self.process_group)
         return pair[0], pair[1]
 
 
 # ------------------------------------------------------------------- the rule
-def next_step_size_float(h, sq_norm, f_x, f_xp, *, c, rollback, resolution, min_lr, max_lr):
-    """One decision of the rule on host numbers. Returns (new h, undo the step?, ratio)."""
+def next_step_size_float(h, sq_norm, f_x, f_xp, resolved=True, *, c, rollback, resolution, min_lr, max_lr):
+    """One decision of the rule on host numbers.
+
+    Returns (new h, undo the step?, ratio, resolved: has any step been resolved so far)."""
     lred = h * sq_norm
     diff = f_xp - f_x
     noise = resolution * abs(f_x)
@@ -294,21 +305,25 @@ def next_step_size_float(h, sq_norm, f_x, f_xp, *, c, rollback, resolution, min_
     else:
         undo = False
     ratio = (diff + lred) / lred if lred > 0 else math.nan
+    unresolved = resolution > 0 and sq_norm > 0 and lred < noise and abs(diff) <= noise
     if undo:
         new_h = h / c
-    elif resolution > 0 and sq_norm > 0 and lred < noise:
-        new_h = h * c  # the probe cannot resolve this step: grow
+    elif unresolved:
+        new_h = h if resolved else h * c  # the probe cannot see this step: grow only at start-up
     elif not lred > 0:
         new_h = h  # zero gradient: nothing to learn from
     else:
         new_h = h * c if ratio <= 0.5 else h / c
-    return min(max(new_h, min_lr), max_lr), undo, ratio
+    resolved = resolved or (lred > 0 and not unresolved)
+    return min(max(new_h, min_lr), max_lr), undo, ratio, resolved
 
 
-def next_step_size_tensor(h, sq_norm, f_x, f_xp, *, c, rollback, resolution, min_lr, max_lr):
+def next_step_size_tensor(h, sq_norm, f_x, f_xp, resolved=None, *, c, rollback, resolution, min_lr, max_lr):
     """The same decision as :func:`next_step_size_float` with tensor ops only (no host sync).
 
-    Returns (new h, undo mask or None when rollback is None, ratio)."""
+    Returns (new h, undo mask or None when rollback is None, ratio, resolved)."""
+    if resolved is None:
+        resolved = torch.ones_like(h, dtype=torch.bool)
     dtype = h.dtype
     sq_norm, f_x, f_xp = sq_norm.to(dtype), f_x.to(dtype), f_xp.to(dtype)
     lred = h * sq_norm
@@ -318,8 +333,8 @@ def next_step_size_tensor(h, sq_norm, f_x, f_xp, *, c, rollback, resolution, min
     ratio = torch.where(positive, (diff + lred) / torch.where(positive, lred, torch.ones_like(lred)),
                         torch.full_like(lred, math.nan))
     grow = ratio <= 0.5
-    if resolution > 0:
-        grow = grow | ((sq_norm > 0) & (lred < noise))
+    unresolved = (sq_norm > 0) & (lred < noise) & (diff.abs() <= noise) if resolution > 0 else torch.zeros_like(positive)
+    grow = torch.where(unresolved, ~resolved, grow)  # unresolved: grow only at start-up, else keep (below)
     if rollback == "increase":
         undo = ~(diff <= noise)
     elif rollback == "nonfinite":
@@ -329,9 +344,11 @@ def next_step_size_tensor(h, sq_norm, f_x, f_xp, *, c, rollback, resolution, min
     if undo is not None:
         grow = grow & ~undo
     new_h = torch.where(grow, h * c, h / c)
-    informative = positive | grow if undo is None else positive | grow | undo
-    new_h = torch.where(informative, new_h, h)
-    return new_h.clamp(min_lr, max_lr), undo, ratio
+    keep = (~positive | unresolved) & ~grow
+    if undo is not None:
+        keep = keep & ~undo
+    new_h = torch.where(keep, h, new_h)
+    return new_h.clamp(min_lr, max_lr), undo, ratio, resolved | (positive & ~unresolved)
 
 
 # ------------------------------------------------------ multi-tensor / per-tensor
@@ -347,13 +364,14 @@ def _sq_sum(tensors: list, foreach: bool, host: bool = False):
         parts = [n * n for n in torch._foreach_norm(tensors)]
     else:
         parts = [t.square().sum() for t in tensors]
-    if host:
+    if host and parts[0].device.type == "cpu":
         return math.fsum(p.item() for p in parts)
     device = tensors[0].device
     dtype = _h_dtype(device)
     if len({(p.dtype, p.device) for p in parts}) > 1:
         parts = [p.to(device=device, dtype=dtype) for p in parts]
-    return torch.stack(parts).sum(dtype=dtype)
+    total = torch.stack(parts).sum(dtype=dtype)
+    return total.item() if host else total
 
 
 def _directions(groups, foreach: bool, host: bool):

@@ -81,6 +81,8 @@ class WNGrad(Optimizer):
     to g (coupled L2, as torch SGD) and counts in ||g||².
     """
 
+    reports_step_size_after_step = True  # lr is the step size just used (see train.step_size_used)
+
     def __init__(self, params, lr: float, weight_decay: float = 0.0):
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"WNGrad needs a finite lr > 0 (b0 = 1/lr), got {lr!r}")
@@ -134,6 +136,8 @@ class L4SGD(Optimizer):
     while L stays the loss given; L should be positive, as L4 assumes.
     """
 
+    reports_step_size_after_step = True
+
     def __init__(self, params, alpha: float = 0.15, gamma: float = 0.9, tau: float = 1000.0,
                  eps: float = 1e-12, gamma0: float = 0.75, weight_decay: float = 0.0):
         if alpha <= 0:
@@ -178,9 +182,9 @@ class L4SGD(Optimizer):
                 loss = closure()
                 loss.backward()
         value = float(loss)
-        if not math.isfinite(value):
-            raise FloatingPointError(f"L4SGD got a non-finite loss ({value}); the step size "
-                                     "L4 derives from it would be meaningless")
+        if not math.isfinite(value):  # no meaningful step: skip it and say so in the step size
+            _set_lr(self, math.nan)
+            return loss
         min_loss = self.l4_state["min_loss"]
         min_loss = self.gamma0 * value if min_loss is None else min(min_loss, value)
         pairs = _grads(self)

@@ -42,6 +42,8 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.datasets import utils as tv_utils
 
+from .profiles import PROFILES
+
 __all__ = [
     "DATA_DIR", "DATASETS", "PROFILES", "PAD_INDEX", "UNK_INDEX", "DatasetUnavailable",
     "mnist", "fashion_mnist", "cifar10", "cifar10_normalize", "augment_crop_flip", "celeba",
@@ -52,7 +54,6 @@ __all__ = [
 
 DATA_DIR = Path(os.environ.get("LOSSGRAD_DATA") or Path(__file__).resolve().parent.parent / "data")
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "celeba", "imdb")
-PROFILES = ("smoke", "quick", "paper")
 
 # Where an installed copy of Fashion-MNIST may already lie (Debian package
 # dataset-fashion-mnist); searched after <root>/FashionMNIST/raw.
@@ -116,7 +117,7 @@ def _unavailable(dataset: str, reason: str, urls: Sequence[str], folder: Path,
     return DatasetUnavailable("\n".join(lines), dataset=dataset, urls=urls, path=folder)
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
+def atomic_save(obj, path: Path) -> None:
     """Write a cache file so that an interrupted run never leaves a half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -345,7 +346,7 @@ def celeba(root=None, size: int = 64, download: bool = True, crop: int = CELEBA_
         raise _unavailable("CelebA", reason, [CELEBA_PAGE], folder, files, note) from err
     print(f"Preprocessing CelebA once ({len(train) + len(test)} images) -> {cache}", flush=True)
     out = {"train": _images_to_tensor(train, size), "test": _images_to_tensor(test, size)}
-    _atomic_torch_save(out, cache)
+    atomic_save(out, cache)
     return out
 
 
@@ -471,7 +472,7 @@ def glove(dim: int = 100, root=None, download: bool = True) -> tuple[list[str], 
         except (zipfile.BadZipFile, KeyError) as err:
             raise _unavailable("GloVe 6B", f"{archive} is damaged or lacks {name} ({err})",
                                GLOVE_URLS, folder, files) from err
-    _atomic_torch_save({"words": words, "vectors": vectors}, cache)
+    atomic_save({"words": words, "vectors": vectors}, cache)
     return words, vectors
 
 

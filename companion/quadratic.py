@@ -1,6 +1,9 @@
 """The paper's Section 3 in code: gradient methods on f(x) = ½ xᵀAx (notebook 00).
 
-Everything is float64 and small; LOSSGRAD runs through the real ``lossgrad.LossGrad``.
+Everything is float64 and small. ``run_batched`` runs many quadratics at once with the rule of
+``lossgrad`` (``next_step_size_tensor``); the one-problem loops (``run_lossgrad`` through the real
+``lossgrad.LossGrad``, ``run_exact_line_search``, ``run_fixed_step``) are the oracles the tests
+check it against.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lossgrad import LossGrad
+from lossgrad import LossGrad, next_step_size_tensor
 
 DTYPE = torch.float64
 
@@ -184,10 +187,9 @@ def run_batched(a: Tensor, x0: Tensor, steps: int, method: str, h0: float = 1e-4
         step = {"exact": h_star, "fixed": fixed, "lossgrad": h}[method]
         x_new = x - step[:, None] * g
         f_new = quad(x_new)
-        if method == "lossgrad":
-            lred = h * gg
-            ratio = (f_new - fs[-1] + lred) / lred
-            h = torch.where(ratio <= 0.5, h * c, h / c)
+        if method == "lossgrad":  # Algorithm 1: no guard, no rollback
+            h = next_step_size_tensor(h, gg, fs[-1], f_new, c=c, rollback=None, resolution=0.0,
+                                      min_lr=0.0, max_lr=math.inf)[0]
         alive = fs[-1] >= 1e-250
         hs.append(torch.where(alive, step, math.nan))
         h_stars.append(torch.where(alive, h_star, math.nan))

@@ -121,19 +121,6 @@ def epoch_frame(results: Sequence[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def step_frame(results: Sequence[dict], key: str = "lr", every: int = 1) -> pd.DataFrame:
-    """Long table of a per-step series (``loss``, ``lr`` or ``ratio``), thinned to every n-th step."""
-    rows = []
-    for r in results:
-        series = r["steps"].get(key)
-        if series is None or len(series) == 0:
-            continue
-        values = series[::every].numpy()
-        rows.append(pd.DataFrame({"label": r["label"], "seed": r["seed"],
-                                  "step": np.arange(0, len(series), every), key: values}))
-    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["label", "seed", "step", key])
-
-
 def spikes(loss: torch.Tensor, window: int = 50, factor: float = 3.0) -> torch.Tensor:
     """Indices of loss spikes: steps whose loss exceeds ``factor`` times the median of the
     preceding ``window`` steps (onset only: a spike lasting several steps counts once)."""

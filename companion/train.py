@@ -30,6 +30,7 @@ from lossgrad import LossGrad
 
 from . import profiles
 from .baselines import make_optimizer
+from .data import atomic_save
 
 Batch = tuple  # a tuple of tensors sharing their first dimension
 
@@ -131,9 +132,15 @@ def evaluate(model: nn.Module, task, data: Batch, device: torch.device, batch_si
 
 # --------------------------------------------------------------------- fit
 def step_size(optimizer: torch.optim.Optimizer):
-    """The step size the next step will use (a float, or a 0-dim tensor we must not sync on)."""
+    """``param_groups[0]['lr']`` now (a float, or a 0-dim tensor we must not sync on)."""
     lr = optimizer.param_groups[0]["lr"]
     return lr.detach().clone() if isinstance(lr, Tensor) else lr
+
+
+def step_size_used(optimizer, before):
+    """The step size the last step used: ``lr`` before it (SGD, schedules, LossGrad, which sets the next
+    step's h), or after it for optimizers that derive it from the batch (WNGrad, L4)."""
+    return step_size(optimizer) if getattr(optimizer, "reports_step_size_after_step", False) else before
 
 
 def train_step(model: nn.Module, optimizer, task, batch: Batch) -> Tensor:
@@ -165,7 +172,7 @@ def fit(model: nn.Module, optimizer, task, train_data: Batch, test_data: Batch, 
     history = {"epochs": [], "steps": {"loss": [], "lr": [], "ratio": []}, "diverged": False, "seconds": 0.0}
     start_epoch = 1
     if checkpoint is not None and Path(checkpoint).exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
@@ -191,8 +198,9 @@ def fit(model: nn.Module, optimizer, task, train_data: Batch, test_data: Batch, 
             batch = _to(batch, device)
             if augment is not None:
                 batch = augment(batch, generator)
-            lrs.append(step_size(optimizer))
+            before = step_size(optimizer)
             losses.append(train_step(model, optimizer, task, batch))
+            lrs.append(step_size_used(optimizer, before))
             if isinstance(optimizer, LossGrad):
                 ratios.append(optimizer.last["ratio"])
             bar.update(1)
@@ -200,9 +208,9 @@ def fit(model: nn.Module, optimizer, task, train_data: Batch, test_data: Batch, 
             scheduler.step()
         epoch_losses = torch.stack(losses).float().cpu()  # one sync per epoch
         history["steps"]["loss"].append(epoch_losses)
-        history["steps"]["lr"].append(torch.tensor([float(v) for v in lrs], dtype=torch.float64))
+        history["steps"]["lr"].append(_host_series(lrs))
         if ratios:
-            history["steps"]["ratio"].append(torch.tensor([float(v) for v in ratios], dtype=torch.float64))
+            history["steps"]["ratio"].append(_host_series(ratios))
         history["seconds"] += time.perf_counter() - tic
         if not torch.isfinite(epoch_losses).all():
             history["diverged"] = True
@@ -210,7 +218,7 @@ def fit(model: nn.Module, optimizer, task, train_data: Batch, test_data: Batch, 
         history["epochs"].append(row)
         bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith("test_")}, refresh=False)
         if checkpoint is not None:
-            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict() if scheduler is not None else None,
                           "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                           "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -256,7 +264,7 @@ class RunStore:
         checkpoint = path.with_suffix(f".{digest}.ckpt")
         result = compute(checkpoint)
         result.update(name=name, config=config, config_digest=digest)
-        _atomic_save(result, path)
+        atomic_save(result, path)
         checkpoint.unlink(missing_ok=True)
         return result
 
@@ -295,7 +303,10 @@ class Experiment:
 
         Returns ``dict(label, optimizer, options, seed, epochs=[per-epoch metrics],
         steps=dict(loss, lr, ratio), diverged, seconds, device, torch, extra)``."""
-        model_name = getattr(self.model_fn, "__name__", None) or repr(self.model_fn)
+        model_name = getattr(self.model_fn, "__name__", None)
+        if not model_name or model_name == "<lambda>":
+            raise ValueError("Experiment's model_fn needs a stable name (a def'd function, not a lambda or "
+                             "functools.partial): the name is part of every stored run's identity")
         config = dict(notebook=self.notebook, optimizer=optimizer, options=options, seed=seed, epochs=self.epochs,
                       batch_size=self.batch_size, n_train=len(self.train_data[0]), model=model_name)
         if self.config:
@@ -321,18 +332,19 @@ class Experiment:
 
 
 # ------------------------------------------------------------------ helpers
+def _host_series(values: list) -> Tensor:
+    """Per-step floats or 0-dim device tensors as one float64 CPU tensor (one copy, not one sync per step)."""
+    if values and isinstance(values[0], Tensor):
+        return torch.stack(values).double().cpu()
+    return torch.tensor(values, dtype=torch.float64)
+
+
 def _to(batch: Batch, device: torch.device) -> Batch:
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
 def _slug(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in label)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):

@@ -107,14 +107,18 @@ EDGE_VALUES = [  # (h, ||G||^2, F(x), F(x'))
 
 @pytest.mark.parametrize("rollback", [None, "nonfinite", "increase"])
 @pytest.mark.parametrize("resolution", [0.0, 64 * 1.19e-7])
-def test_host_and_tensor_rules_decide_alike(rollback, resolution):
+@pytest.mark.parametrize("resolved", [False, True])
+def test_host_and_tensor_rules_decide_alike(rollback, resolution, resolved):
     rule = dict(c=1.05, rollback=rollback, resolution=resolution, min_lr=0.0, max_lr=math.inf)
     for h, sq, fx, fxp in EDGE_VALUES:
-        h_float, undo_float, _ = next_step_size_float(h, sq, fx, fxp, **rule)
+        h_float, undo_float, _, resolved_float = next_step_size_float(h, sq, fx, fxp, resolved, **rule)
         as_t = lambda v: torch.tensor(v, dtype=torch.float64)
-        h_tensor, undo_tensor, _ = next_step_size_tensor(as_t(h), as_t(sq), as_t(fx), as_t(fxp), **rule)
-        assert h_float == pytest.approx(float(h_tensor), rel=1e-15, abs=0), (h, sq, fx, fxp)
-        assert undo_float == (False if undo_tensor is None else bool(undo_tensor)), (h, sq, fx, fxp)
+        h_tensor, undo_tensor, _, resolved_tensor = next_step_size_tensor(
+            as_t(h), as_t(sq), as_t(fx), as_t(fxp), torch.tensor(resolved), **rule)
+        case = (h, sq, fx, fxp, resolved)
+        assert h_float == pytest.approx(float(h_tensor), rel=1e-15, abs=0), case
+        assert undo_float == (False if undo_tensor is None else bool(undo_tensor)), case
+        assert resolved_float == bool(resolved_tensor), case
 
 
 # ------------------------------------------------------------- what it learns
@@ -236,6 +240,23 @@ def test_resolution_guard_grows_h_that_the_loss_cannot_resolve():
     guarded = LossGrad(model.parameters(), lr=1e-12)
     train(guarded, model, x, y, 10)
     assert guarded.param_groups[0]["lr"] == pytest.approx(1e-12 * 1.05 ** 10, rel=1e-12, abs=0)
+    assert guarded.state["resolved"] is False
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_resolution_guard_keeps_h_once_the_loss_has_converged(sync_free):
+    """F = 1 + 50 x^2 in float32: once x is below the loss's resolution the guard must not push h up."""
+    x = torch.tensor([1e-2], requires_grad=True)
+    opt = LossGrad([x], lr=1e-3, sync_free=sync_free)
+    hs, xs = [], []
+    for _ in range(3000):
+        opt.zero_grad()
+        opt.step(lambda: 1.0 + 50.0 * (x * x).sum())
+        hs.append(float(opt.param_groups[0]["lr"]))
+        xs.append(abs(x.item()))
+    assert bool(opt.state["resolved"])
+    assert max(xs) <= 1e-2  # never pushed out of the valley
+    assert max(hs) * 100.0 < 2.0 * 1.05 ** 2  # h stays near the stability limit 2/curvature, never far beyond
 
 
 @pytest.mark.parametrize("sync_free", [False, True])
@@ -331,6 +352,7 @@ def test_state_dict_round_trip_continues_bit_for_bit(sync_free, tmp_path):
     resumed.load_state_dict(ckpt["model"])
     opt2 = LossGrad(resumed.parameters(), sync_free=sync_free)  # a different initial lr on purpose
     opt2.load_state_dict(ckpt["opt"])
+    assert bool(opt2.state["resolved"])
     hs_resumed = train(opt2, resumed, x, y, 20)
     assert hs_resumed == hs_straight
     for p, q in zip(model.parameters(), resumed.parameters()):
@@ -463,3 +485,27 @@ def test_ddp_ranks_keep_the_same_step_size_and_parameters(tmp_path):
     assert r0["hs"] == r1["hs"]
     for p, q in zip(r0["params"], r1["params"]):
         assert torch.equal(p, q)
+
+
+def test_a_param_group_added_mid_run_joins_at_the_current_step_size():
+    model = small_mlp()
+    x, y = regression_batch()
+    frozen = list(model[0].parameters())
+    opt = LossGrad([p for p in model.parameters() if all(p is not q for q in frozen)], lr=1e-2)
+    train(opt, model, x, y, 5)
+    opt.add_param_group({"params": frozen})  # progressive unfreezing
+    assert opt.param_groups[1]["lr"] == opt.param_groups[0]["lr"] != 1e-2
+    train(opt, model, x, y, 2)
+
+
+def test_sync_free_state_dict_is_a_snapshot_and_a_given_lr_tensor_is_not_modified():
+    model = small_mlp(torch.float64)
+    x, y = regression_batch(torch.float64)
+    h0 = torch.tensor(1e-2, dtype=torch.float64)
+    opt = LossGrad(model.parameters(), lr=h0, sync_free=True)
+    train(opt, model, x, y, 3)
+    snapshot = opt.state_dict()["param_groups"][0]["lr"].clone()
+    saved = opt.state_dict()
+    train(opt, model, x, y, 5)
+    assert float(h0) == 1e-2
+    assert torch.equal(saved["param_groups"][0]["lr"], snapshot)

@@ -185,3 +185,38 @@ def test_spikes_finds_each_spike_once():
     loss[200] = 5.0
     loss[250] = 2.0  # below 3x the median: not a spike
     assert C.report.spikes(loss, window=50, factor=3.0).tolist() == [100, 200]
+
+
+def test_a_run_whose_l4_step_size_breaks_down_is_marked_diverged_not_crashed(mnist_like):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 784), nn.Unflatten(1, (1, 28, 28)))
+    opt, _ = C.baselines.make_optimizer("l4", model.parameters(), alpha=1e6)
+    history = fit(model, opt, Reconstruction(), mnist_like["train"], mnist_like["test"], epochs=3, batch_size=50,
+                  device=torch.device("cpu"), progress=False)
+    assert history["diverged"]
+
+
+@pytest.mark.parametrize("optimizer", ["wngrad", "l4"])
+def test_logged_step_size_is_the_one_each_step_used(mnist_like, optimizer):
+    torch.manual_seed(0)
+    model = tiny_classifier()
+    opt, _ = C.baselines.make_optimizer(optimizer, model.parameters(), **({"lr": 1.0} if optimizer == "wngrad" else {}))
+    used = []
+    original = opt.step
+
+    def recording_step(closure=None, loss=None):
+        out = original(closure, loss=loss)
+        used.append(opt.param_groups[0]["lr"])  # these two report the step size after the step
+        return out
+
+    opt.step = recording_step
+    history = fit(model, opt, Classification(), mnist_like["train"], mnist_like["test"], epochs=1, batch_size=100,
+                  device=torch.device("cpu"), progress=False, eval_train=False)
+    assert history["steps"]["lr"].tolist() == used
+
+
+def test_experiment_refuses_a_model_constructor_without_a_stable_name(mnist_like):
+    exp = Experiment("99_test", "smoke", mnist_like["train"], mnist_like["test"], Classification(),
+                     lambda: tiny_classifier(), epochs=1, batch_size=100, device=torch.device("cpu"), progress=False)
+    with pytest.raises(ValueError, match="stable name"):
+        exp.run("SGD", "sgd", seed=0, lr=0.1)
