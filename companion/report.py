@@ -244,7 +244,7 @@ def step_size_settling(lr, window: int, factor: float = 2.0) -> dict:
 _EPOCH_REDUCTIONS = {
     "mean": lambda t: float(t.mean()),
     "geomean": lambda t: float(t.log().mean().exp()),
-    "median": lambda t: float(t.median()),
+    "median": lambda t: float(t.nanmedian()),  # a zero-gradient step (ratio NaN) must not blank an epoch
     "max": lambda t: float(t.max()),
     "min": lambda t: float(t.min()),
 }
@@ -419,7 +419,7 @@ def plot_lossgrad_ratio(lossgrad_runs: Sequence[dict], sgd_lrs: Sequence[float] 
     plot_step_series_per_epoch(lossgrad_runs, "lr", how="median", ax=axes[1], colours=colours,
                                title="LOSSGRAD: step size vs line-search step")
     for r in lossgrad_runs:
-        curvature = (2 * r["steps"]["ratio"] / r["steps"]["lr"]).view(-1, steps_per_epoch).median(1).values
+        curvature = (2 * r["steps"]["ratio"] / r["steps"]["lr"]).view(-1, steps_per_epoch).nanmedian(1).values
         axes[1].plot(np.arange(1, len(curvature) + 1), torch.where(curvature > 0, 1 / curvature, float("nan")), ":",
                      color="0.3", label="1/κ (line-search step)" if r["seed"] == 0 else None)
     for lr in sgd_lrs:

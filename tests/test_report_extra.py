@@ -195,3 +195,9 @@ def test_plain_log_ticks_keep_neighbouring_labels_apart():
     plt.close(fig)
     assert len(labels) >= 3 and len(set(labels)) == len(labels)
     assert all(float(s) == pytest.approx(1e-4, rel=0.01) for s in labels)
+
+
+def test_epoch_median_ignores_the_nan_ratio_of_a_zero_gradient_step():
+    run = {"epochs": [{}, {}, {}], "steps": {"ratio": torch.tensor([0.4, float("nan"), 0.6, 0.5, 0.5, 0.5],
+                                                                  dtype=torch.float64)}}
+    assert R.step_series_per_epoch(run, "ratio", "median").tolist() == [0.4, 0.5]
