@@ -410,8 +410,6 @@ def plot_lossgrad_ratio(lossgrad_runs: Sequence[dict], sgd_lrs: Sequence[float] 
     (right). Returns the figure; epochs whose median curvature is not positive get no line-search step."""
     import matplotlib.pyplot as plt
 
-    first = lossgrad_runs[0]
-    steps_per_epoch = len(first["steps"]["lr"]) // max(1, len(first["epochs"]) - 1)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     plot_step_series_per_epoch(lossgrad_runs, "ratio", how="median", ax=axes[0], logy=False, colours=colours,
                                title="LOSSGRAD: median ratio per epoch")
@@ -419,8 +417,11 @@ def plot_lossgrad_ratio(lossgrad_runs: Sequence[dict], sgd_lrs: Sequence[float] 
     plot_step_series_per_epoch(lossgrad_runs, "lr", how="median", ax=axes[1], colours=colours,
                                title="LOSSGRAD: step size vs line-search step")
     for r in lossgrad_runs:
-        curvature = (2 * r["steps"]["ratio"] / r["steps"]["lr"]).view(-1, steps_per_epoch).nanmedian(1).values
-        axes[1].plot(np.arange(1, len(curvature) + 1), torch.where(curvature > 0, 1 / curvature, float("nan")), ":",
+        per_step = {"epochs": r["epochs"], "steps": {"curvature": 2 * r["steps"]["ratio"] / r["steps"]["lr"]}}
+        curvature = step_series_per_epoch(per_step, "curvature", "median")
+        with np.errstate(divide="ignore"):
+            line_search = np.where(curvature > 0, 1 / curvature, np.nan)
+        axes[1].plot(np.arange(1, len(curvature) + 1), line_search, ":",
                      color="0.3", label="1/κ (line-search step)" if r["seed"] == 0 else None)
     for lr in sgd_lrs:
         label = f"SGD lr={lr:g}"

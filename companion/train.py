@@ -15,12 +15,11 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F

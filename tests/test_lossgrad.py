@@ -3,8 +3,6 @@
 import copy
 import math
 import os
-import sys
-import tempfile
 
 import pytest
 import torch

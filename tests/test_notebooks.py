@@ -1,6 +1,5 @@
 """Every numbered notebook runs in the smoke profile through papermill, as run_all.sh runs it."""
 
-import os
 from pathlib import Path
 
 import papermill
