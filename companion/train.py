@@ -69,13 +69,20 @@ def batches(tensors: Batch, batch_size: int, generator: Optional[torch.Generator
 
 # -------------------------------------------------------------------- tasks
 class Classification:
-    """Cross entropy on (inputs, labels); reports loss and accuracy."""
+    """Cross entropy on (inputs, labels); reports loss and accuracy, and the batch accuracy of every step."""
 
     metrics = ("loss", "acc")
+    step_metrics = ("acc",)
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         x, y = batch
         return F.cross_entropy(model(x), y)
+
+    def loss_and_step_metrics(self, model: nn.Module, batch: Batch) -> tuple:
+        """The batch loss and the batch accuracy (logged per step by :func:`fit`)."""
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits, y), {"acc": (logits.argmax(1) == y).float().mean()}
 
     def evaluate(self, model: nn.Module, batch: Batch) -> dict:
         x, y = batch
@@ -84,13 +91,22 @@ class Classification:
 
 
 class BinaryClassification:
-    """Binary cross entropy with logits on (inputs..., labels in {0, 1}); loss and accuracy."""
+    """Binary cross entropy with logits on (inputs..., labels in {0, 1}); loss and accuracy, and the batch
+    accuracy of every step."""
 
     metrics = ("loss", "acc")
+    step_metrics = ("acc",)
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         *inputs, y = batch
         return F.binary_cross_entropy_with_logits(model(*inputs), y)
+
+    def loss_and_step_metrics(self, model: nn.Module, batch: Batch) -> tuple:
+        """The batch loss and the batch accuracy (logged per step by :func:`fit`)."""
+        *inputs, y = batch
+        logits = model(*inputs)
+        acc = ((logits > 0).to(y.dtype) == y).float().mean()
+        return F.binary_cross_entropy_with_logits(logits, y), {"acc": acc}
 
     def evaluate(self, model: nn.Module, batch: Batch) -> dict:
         *inputs, y = batch
@@ -142,10 +158,20 @@ def step_size_used(optimizer, before):
     return step_size(optimizer) if getattr(optimizer, "reports_step_size_after_step", False) else before
 
 
-def train_step(model: nn.Module, optimizer, task, batch: Batch) -> Tensor:
-    """One optimizer step on ``batch``; returns the batch loss at the point before the step."""
+def train_step(model: nn.Module, optimizer, task, batch: Batch, step_metrics: Optional[dict] = None) -> Tensor:
+    """One optimizer step on ``batch``; returns the batch loss at the point before the step.
+
+    With ``step_metrics`` (a dict) and a task that has ``loss_and_step_metrics``, the dict receives
+    that task's batch metrics (accuracy) of the forward pass before the step, at no extra forward pass."""
     optimizer.zero_grad(set_to_none=True)
-    closure = lambda: task.loss(model, batch)
+    if step_metrics is not None and hasattr(task, "loss_and_step_metrics"):
+        def closure():
+            loss, metrics = task.loss_and_step_metrics(model, batch)
+            if torch.is_grad_enabled():  # the forward pass at x, not LossGrad's probe (run under no_grad)
+                step_metrics.update({k: v.detach() for k, v in metrics.items()})
+            return loss
+    else:
+        closure = lambda: task.loss(model, batch)
     if isinstance(optimizer, LossGrad):
         return optimizer.step(closure).detach()
     loss = closure()
@@ -169,6 +195,9 @@ def fit(model: nn.Module, optimizer, task, train_data: Batch, test_data: Batch, 
     saved after every epoch and a run that finds its checkpoint resumes from it."""
     generator = torch.Generator().manual_seed(seed)  # data order and augmentation
     history = {"epochs": [], "steps": {"loss": [], "lr": [], "ratio": []}, "diverged": False, "seconds": 0.0}
+    step_keys = getattr(task, "step_metrics", ()) if hasattr(task, "loss_and_step_metrics") else ()
+    for key in step_keys:
+        history["steps"][key] = []
     start_epoch = 1
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
@@ -193,12 +222,16 @@ def fit(model: nn.Module, optimizer, task, train_data: Batch, test_data: Batch, 
             break
         tic = time.perf_counter()
         losses, lrs, ratios = [], [], []
+        per_step = {key: [] for key in step_keys}
         for batch in batches(train_data, batch_size, generator):
             batch = _to(batch, device)
             if augment is not None:
                 batch = augment(batch, generator)
             before = step_size(optimizer)
-            losses.append(train_step(model, optimizer, task, batch))
+            metrics = {} if step_keys else None
+            losses.append(train_step(model, optimizer, task, batch, metrics))
+            for key in step_keys:
+                per_step[key].append(metrics[key])
             lrs.append(step_size_used(optimizer, before))
             if isinstance(optimizer, LossGrad):
                 ratios.append(optimizer.last["ratio"])
@@ -210,6 +243,8 @@ def fit(model: nn.Module, optimizer, task, train_data: Batch, test_data: Batch, 
         history["steps"]["lr"].append(_host_series(lrs))
         if ratios:
             history["steps"]["ratio"].append(_host_series(ratios))
+        for key in step_keys:
+            history["steps"].setdefault(key, []).append(torch.stack(per_step[key]).float().cpu())
         history["seconds"] += time.perf_counter() - tic
         if not torch.isfinite(epoch_losses).all():
             history["diverged"] = True
@@ -293,6 +328,7 @@ class Experiment:
     progress: bool = True
     config: Optional[dict] = None  # settings that shape the model or data (part of every run's identity)
     eval_batch_size: int = 1000
+    model_options: Optional[dict] = None  # keyword arguments of model_fn, e.g. the initialisation
 
     def __post_init__(self):
         self.store = RunStore(self.notebook, self.profile, self.overrides)
@@ -308,6 +344,9 @@ class Experiment:
                              "functools.partial): the name is part of every stored run's identity")
         config = dict(notebook=self.notebook, optimizer=optimizer, options=options, seed=seed, epochs=self.epochs,
                       batch_size=self.batch_size, n_train=len(self.train_data[0]), model=model_name)
+        changed = model_options_changed(self.model_fn, self.model_options)
+        if changed:  # only what differs from model_fn's defaults: runs made before this option keep their identity
+            config["model_options"] = changed
         if self.config:
             config["settings"] = self.config
         if self.overrides:
@@ -315,7 +354,7 @@ class Experiment:
 
         def compute(checkpoint: Path) -> dict:
             seed_everything(seed)
-            model = self.model_fn().to(self.device)
+            model = self.model_fn(**(self.model_options or {})).to(self.device)
             opt, scheduler = make_optimizer(optimizer, model.parameters(), epochs=self.epochs, **options)
             history = fit(model, opt, self.task, self.train_data, self.test_data, epochs=self.epochs,
                           batch_size=self.batch_size, device=self.device, seed=seed, scheduler=scheduler,
@@ -331,6 +370,16 @@ class Experiment:
 
 
 # ------------------------------------------------------------------ helpers
+def model_options_changed(model_fn: Callable, options: Optional[dict]) -> dict:
+    """The entries of ``options`` that differ from ``model_fn``'s defaults (an unknown name is an error)."""
+    params = inspect.signature(model_fn).parameters
+    unknown = sorted(set(options or {}) - set(params))
+    if unknown:
+        raise ValueError(f"{getattr(model_fn, '__name__', model_fn)} has no argument(s) {unknown}")
+    return {k: v for k, v in (options or {}).items()
+            if params[k].default is inspect.Parameter.empty or params[k].default != v}
+
+
 def _host_series(values: list) -> Tensor:
     """Per-step floats or 0-dim device tensors as one float64 CPU tensor (one copy, not one sync per step)."""
     if values and isinstance(values[0], Tensor):

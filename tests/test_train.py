@@ -220,3 +220,56 @@ def test_experiment_refuses_a_model_constructor_without_a_stable_name(mnist_like
                      lambda: tiny_classifier(), epochs=1, batch_size=100, device=torch.device("cpu"), progress=False)
     with pytest.raises(ValueError, match="stable name"):
         exp.run("SGD", "sgd", seed=0, lr=0.1)
+
+
+# -------------------------------------------------- per-step batch accuracy
+def batch_accuracies(model, data, batch_size, seed):
+    """Accuracy of a fixed ``model`` on every batch, in the order fit draws them."""
+    with torch.no_grad():
+        return [(model(x).argmax(1) == y).float().mean().item()
+                for x, y in C.train.batches(data, batch_size, torch.Generator().manual_seed(seed))]
+
+
+def test_fit_logs_the_batch_accuracy_of_every_step_before_the_step(mnist_like):
+    torch.manual_seed(0)
+    model = tiny_classifier()
+    expected = batch_accuracies(model, mnist_like["train"], 50, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the model never moves: every batch sees the init
+    history = fit(model, opt, Classification(), mnist_like["train"], mnist_like["test"], epochs=1, batch_size=50,
+                  device=torch.device("cpu"), progress=False, eval_train=False)
+    assert history["steps"]["acc"].tolist() == pytest.approx(expected)
+
+
+def test_lossgrad_logs_the_accuracy_of_the_forward_pass_not_of_the_probe(mnist_like):
+    torch.manual_seed(0)
+    model = tiny_classifier()
+    first = batch_accuracies(model, mnist_like["train"], 50, seed=0)[0]
+    opt = C.baselines.make_optimizer("lossgrad", model.parameters(), lr=5.0)[0]  # a large step moves the probe
+    history = fit(model, opt, Classification(), mnist_like["train"], mnist_like["test"], epochs=1, batch_size=50,
+                  device=torch.device("cpu"), progress=False, eval_train=False)
+    assert len(history["steps"]["acc"]) == len(history["steps"]["loss"]) == 6
+    assert history["steps"]["acc"][0].item() == pytest.approx(first)
+    autoencoder = nn.Sequential(nn.Flatten(), nn.Linear(784, 784), nn.Unflatten(1, (1, 28, 28)))
+    no_acc = fit(autoencoder, torch.optim.SGD(autoencoder.parameters(), lr=0.1), Reconstruction(), mnist_like["train"],
+                 mnist_like["test"], epochs=1, batch_size=100, device=torch.device("cpu"), progress=False)
+    assert "acc" not in no_acc["steps"]  # a task without a batch metric logs none
+
+
+# ------------------------------------------------------------ model options
+def test_model_options_reach_the_model_and_only_changed_ones_enter_the_run_identity(mnist_like):
+    def make(**options):
+        return Experiment("99_test", "smoke", mnist_like["train"], mnist_like["test"], Reconstruction(),
+                          C.models.fmnist_autoencoder, epochs=1, batch_size=100, device=torch.device("cpu"),
+                          progress=False, eval_train=False, model_options=options or None,
+                          on_finish=lambda model: {"first_bias": model[1].bias.detach().clone()})
+
+    plain = make().run("SGD", "sgd", seed=0, lr=0.0)
+    explicit = make(init_std=0.05, init_bias=0.2).run("SGD", "sgd", seed=0, lr=0.0)
+    assert explicit["config_digest"] == plain["config_digest"]  # the defaults, spelt out: the same run
+    assert explicit["seconds"] == plain["seconds"]  # loaded, not trained again
+    torch_init = make(init_std=None).run("SGD torch init", "sgd", seed=0, lr=0.0)
+    assert torch_init["config"]["model_options"] == {"init_std": None}
+    assert not torch.allclose(torch_init["extra"]["first_bias"], torch.full((200,), 0.2))  # PyTorch's init
+    assert torch.equal(plain["extra"]["first_bias"], torch.full((200,), 0.2))
+    with pytest.raises(ValueError, match="no argument"):
+        make(init_sdt=0.1).run("SGD", "sgd", seed=0, lr=0.0)
