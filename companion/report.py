@@ -211,10 +211,14 @@ def step_size_settling(lr, window: int, factor: float = 2.0) -> dict:
       end (later than ``reached`` when h leaves the band again, e.g. in a spike); ``None`` when
       even the last step size is outside the band;
     * ``peak`` and ``peak_step``: the largest step size of the series and its step, for the spike of
-      h the paper sees at the start of training (compare ``peak / settled``).
+      h the paper sees at the start of training (compare ``peak / settled``);
+    * ``collapsed_step``: the first step whose h is 0 or infinite (exact Algorithm 1 can shrink a tiny
+      h until it underflows to 0.0, or grow it without bound), else ``None``. Such steps count as
+      outside the band; when ``settled`` itself is 0 or infinite there is no band, and ``reached``
+      and ``stays`` are ``None``.
 
     Raises ValueError for an empty or non-1-D series, a window outside 1..len(lr), a factor <= 1,
-    or a step size that is not positive and finite (the band is a ratio, so h must be > 0).
+    or a step size that is negative or NaN (no step rule produces those: a logging error).
     """
     lr = torch.as_tensor(lr, dtype=torch.float64)
     if lr.dim() != 1 or len(lr) == 0:
@@ -223,22 +227,23 @@ def step_size_settling(lr, window: int, factor: float = 2.0) -> dict:
         raise ValueError(f"window must be between 1 and len(lr) = {len(lr)}, got {window}")
     if not factor > 1:
         raise ValueError(f"factor must be > 1 (the band is settled/factor .. settled*factor), got {factor}")
-    if not (torch.isfinite(lr).all() and (lr > 0).all()):
-        raise ValueError("every step size must be positive and finite; "
-                         f"got min {float(lr.min())}, max {float(lr.max())}")
+    if torch.isnan(lr).any() or (lr < 0).any():
+        raise ValueError("every step size must be >= 0 and not NaN; "
+                         f"got min {float(lr.min())}, max {float(lr.max())}, NaN: {bool(torch.isnan(lr).any())}")
     settled = float(lr[-int(window):].median())
-    inside = (lr >= settled / factor) & (lr <= settled * factor)
-    reached = int(torch.nonzero(inside)[0]) if inside.any() else None
-    outside = torch.nonzero(~inside).flatten()
-    if len(outside) == 0:
-        stays = 0
-    elif int(outside[-1]) == len(lr) - 1:
-        stays = None
-    else:
-        stays = int(outside[-1]) + 1
+    collapsed = torch.nonzero((lr == 0) | torch.isinf(lr)).flatten()
+    reached = stays = None
+    if 0 < settled < math.inf:
+        inside = (lr >= settled / factor) & (lr <= settled * factor)
+        reached = int(torch.nonzero(inside)[0]) if inside.any() else None
+        outside = torch.nonzero(~inside).flatten()
+        if len(outside) == 0:
+            stays = 0
+        elif int(outside[-1]) < len(lr) - 1:
+            stays = int(outside[-1]) + 1
     peak_step = int(lr.argmax())
     return {"settled": settled, "reached": reached, "stays": stays, "peak": float(lr[peak_step]),
-            "peak_step": peak_step}
+            "peak_step": peak_step, "collapsed_step": int(collapsed[0]) if len(collapsed) else None}
 
 
 _EPOCH_REDUCTIONS = {

@@ -78,14 +78,54 @@ def test_factor_sets_the_band_width():
     assert R.step_size_settling(lr, window=10, factor=4.0)["reached"] == 0
 
 
+def shrinking_step_sizes(h0, steps, c=1.05, flush_denormal=False):
+    """h divided by c at every step in float32, as exact Algorithm 1 does while its ratio reads above 1/2."""
+    previous = torch.set_flush_denormal(flush_denormal) and False
+    try:
+        h, series = torch.tensor(h0, dtype=torch.float32), []
+        for _ in range(steps):
+            series.append(float(h))
+            h = h / c
+    finally:
+        torch.set_flush_denormal(previous)
+    return torch.tensor(series, dtype=torch.float64)
+
+
+def test_a_step_size_that_underflows_to_zero_is_reported_not_an_error():
+    # with subnormals flushed to zero (torch.set_flush_denormal, accelerators' fast modes) h reaches 0.0
+    lr = shrinking_step_sizes(1e-6, 2000, flush_denormal=True)
+    first_zero = lr.tolist().index(0.0)
+    out = R.step_size_settling(lr, window=100)
+    assert out["collapsed_step"] == first_zero
+    assert out["settled"] == 0.0 and out["reached"] is None and out["stays"] is None
+    assert out["peak"] == pytest.approx(1e-6) and out["peak_step"] == 0
+
+
+def test_with_round_to_nearest_a_shrinking_step_size_stops_at_the_smallest_subnormal():
+    lr = shrinking_step_sizes(1e-6, 2500)
+    tail = lr[-100:]
+    assert (tail == tail[-1]).all() and 0 < tail[-1] < torch.finfo(torch.float32).smallest_normal  # h / 1.05 rounds back to h
+    out = R.step_size_settling(lr, window=100)
+    assert out["collapsed_step"] is None and out["settled"] == lr[-1].item()
+
+
+def test_a_single_zero_or_infinite_step_size_leaves_the_band_and_is_reported():
+    lr = torch.full((60,), 0.1, dtype=torch.float64)
+    lr[20], lr[30] = 0.0, math.inf
+    out = R.step_size_settling(lr, window=20)
+    assert out["settled"] == pytest.approx(0.1)
+    assert out["collapsed_step"] == 20 and out["reached"] == 0 and out["stays"] == 31
+    assert R.step_size_settling(torch.full((10,), 0.1), window=5)["collapsed_step"] is None
+
+
 @pytest.mark.parametrize("lr, window, factor, match", [
     (torch.tensor([]), 1, 2.0, "non-empty"),
     (torch.ones(3, 2), 1, 2.0, "1-D"),
     (torch.ones(5), 0, 2.0, "window"),
     (torch.ones(5), 6, 2.0, "window"),
     (torch.ones(5), 2, 1.0, "factor"),
-    (torch.tensor([0.1, 0.0, 0.1]), 2, 2.0, "positive"),
-    (torch.tensor([0.1, float("nan"), 0.1]), 2, 2.0, "positive"),
+    (torch.tensor([0.1, -0.1, 0.1]), 2, 2.0, "not NaN"),
+    (torch.tensor([0.1, float("nan"), 0.1]), 2, 2.0, "not NaN"),
 ])
 def test_bad_input_is_a_clear_value_error(lr, window, factor, match):
     with pytest.raises(ValueError, match=match):
