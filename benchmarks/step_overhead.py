@@ -9,16 +9,23 @@ data of the right shapes) it times, in alternating repetitions, and reports medi
 * ``sgd``: a full SGD training step (zero_grad, forward, backward, ``SGD(foreach=True).step()``);
 * ``floor``: that step plus one forward pass under no_grad: what any LOSSGRAD step must cost at least;
 * ``lossgrad``: a full ``LossGrad.step(closure)`` with the defaults;
+* ``exact``: the same with ``rollback=None, resolution_guard=False`` (Algorithm 1: no copy of the weights);
 * ``internal``: LossGrad's own work, i.e. ``step(closure, loss=loss)`` minus the probe's forward pass, against
   ``sgd.step()`` alone.
 Targets: lossgrad <= 1.05 x floor, internal <= 2.5 x sgd.step().
+
+``--memory`` instead measures peak memory: each optimizer trains a wide MLP (about 100 MB of float32
+parameters) for a few steps in a fresh process, which reports its peak resident set size (the CPU
+allocator's high-water mark, ``ru_maxrss``) or, on a GPU, ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,6 +62,7 @@ def measure(name: str, reps: int) -> dict:
     # tiny steps keep the weights (and so the work per step) the same throughout
     sgd = torch.optim.SGD(model.parameters(), lr=1e-12, foreach=True)
     lossgrad = LossGrad(model.parameters(), lr=1e-12, max_lr=1e-12)
+    exact = LossGrad(model.parameters(), lr=1e-12, max_lr=1e-12, rollback=None, resolution_guard=False)
 
     def sgd_step():
         sgd.zero_grad()
@@ -69,6 +77,10 @@ def measure(name: str, reps: int) -> dict:
     def lossgrad_step():
         lossgrad.zero_grad()
         lossgrad.step(closure)
+
+    def exact_step():  # Algorithm 1 as published: no copy of the weights for a rollback
+        exact.zero_grad()
+        exact.step(closure)
 
     probe_time = [0.0]
 
@@ -93,11 +105,12 @@ def measure(name: str, reps: int) -> dict:
         sgd.step()
         sgd_inner.total += time.perf_counter() - start
 
-    samples = {k: [] for k in ("sgd", "floor", "lossgrad", "internal", "sgd.step")}
+    samples = {k: [] for k in ("sgd", "floor", "lossgrad", "exact", "internal", "sgd.step")}
     for _ in range(reps):
         samples["sgd"].append(timed(sgd_step, steps))
         samples["floor"].append(timed(floor_step, steps))
         samples["lossgrad"].append(timed(lossgrad_step, steps))
+        samples["exact"].append(timed(exact_step, steps))
         internal_step.total, probe_time[0] = 0.0, 0.0
         lossgrad_step()  # warm-up of this path
         internal_step.total, probe_time[0] = 0.0, 0.0
@@ -111,22 +124,76 @@ def measure(name: str, reps: int) -> dict:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+MEMORY_OPTIMIZERS = {  # name: constructor over the parameters
+    "SGD": lambda params: torch.optim.SGD(params, lr=1e-3, foreach=True),
+    "LossGrad exact (rollback=None)": lambda params: LossGrad(params, lr=1e-3, rollback=None, resolution_guard=False),
+    "LossGrad defaults": lambda params: LossGrad(params, lr=1e-3),
+    "LossGrad defaults, sync_free": lambda params: LossGrad(params, lr=1e-3, sync_free=True),
+}
+
+
+def peak_memory_child(name: str, device: str) -> None:
+    """Runs in a fresh process: a few training steps, then prints the peak memory in MiB."""
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 4096),
+                                torch.nn.ReLU(), torch.nn.Linear(4096, 1024)).to(dev)
+    x, y = torch.randn(64, 1024, device=dev), torch.randn(64, 1024, device=dev)
+    closure = lambda: F.mse_loss(model(x), y)
+    opt = MEMORY_OPTIMIZERS[name](model.parameters())
+    for _ in range(3):
+        opt.zero_grad()
+        if isinstance(opt, LossGrad):
+            opt.step(closure)
+        else:
+            closure().backward()
+            opt.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        print(torch.cuda.max_memory_allocated(dev) / 2**20)
+    else:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+    print(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
+
+
+def peak_memory(device: str) -> None:
+    print(f"| optimizer | peak memory (MiB) | above SGD (MiB) | above SGD / parameter memory |")
+    print("|---|---|---|---|")
+    base = None
+    for name in MEMORY_OPTIMIZERS:
+        out = subprocess.run([sys.executable, __file__, "--memory-child", name, "--device", device],
+                             check=True, capture_output=True, text=True).stdout.split()
+        peak, params = float(out[0]), float(out[1])
+        base = peak if base is None else base
+        print(f"| {name} | {peak:.0f} | {peak - base:.0f} | {(peak - base) / params:.2f} |", flush=True)
+    what = "torch.cuda.max_memory_allocated" if device.startswith("cuda") else "peak RSS (ru_maxrss)"
+    print(f"\n{device_name(torch.device(device))}; {what}; MLP 1024-4096-4096-1024 ({params:.0f} MiB of float32 "
+          f"parameters), batch 64, 3 steps; torch {torch.__version__}; {datetime.date.today().isoformat()}.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--reps", type=int, default=7, help="alternating repetitions (medians are reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--memory", action="store_true", help="measure peak memory instead of time")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for --memory")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print("| model | SGD step (ms) | floor (ms) | LossGrad step (ms) | LossGrad / floor | "
+    if args.memory_child:
+        return peak_memory_child(args.memory_child, args.device)
+    if args.memory:
+        return peak_memory(args.device)
+    print("| model | SGD step (ms) | floor (ms) | LossGrad step (ms) | LossGrad / floor | exact / floor | "
           "LossGrad internal (ms) | sgd.step() (ms) | internal / sgd.step() |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         m = measure(name, args.reps)
         ms = {k: v * 1e3 for k, v in m.items()}
         print(f"| {name} | {ms['sgd']:.2f} | {ms['floor']:.2f} | {ms['lossgrad']:.2f} | "
-              f"{m['lossgrad'] / m['floor']:.3f} | {ms['internal']:.3f} | {ms['sgd.step']:.3f} | "
+              f"{m['lossgrad'] / m['floor']:.3f} | {m['exact'] / m['floor']:.3f} | {ms['internal']:.3f} | {ms['sgd.step']:.3f} | "
               f"{m['internal'] / m['sgd.step']:.2f} |", flush=True)
     print(f"\n{device_name(torch.device('cpu'))}; torch {torch.__version__}; medians of {args.reps} alternating "
           f"repetitions; {datetime.date.today().isoformat()}.")
