@@ -20,6 +20,11 @@ The data folder is ``root=`` when given, else ``$LOSSGRAD_DATA``, else
     aclImdb/{train,test}/{pos,neg}/*.txt
     glove/                      glove.6B.zip or glove.6B.<dim>d.txt
 
+Checksums: the loaders check the md5 of the files they read against the published ones (CIFAR-10
+and CelebA through torchvision; the IMDb and GloVe archives here). :data:`CHECKSUMS_ENV` names a
+seam for running the same loaders, checks included, on files you made yourself (the tests'
+original-format fixtures): see :func:`expected_md5`.
+
 Tensors are returned in memory (the training loop batches by index
 permutation); images as float32 in [0, 1] (MNIST, Fashion-MNIST) or uint8
 (CIFAR-10, CelebA: 4x smaller, converted per batch).
@@ -27,11 +32,13 @@ permutation); images as float32 in [0, 1] (MNIST, Fashion-MNIST) or uint8
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
 import tarfile
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -45,7 +52,7 @@ from torchvision.datasets import utils as tv_utils
 from .profiles import PROFILES
 
 __all__ = [
-    "DATA_DIR", "DATASETS", "PROFILES", "PAD_INDEX", "UNK_INDEX", "DatasetUnavailable",
+    "DATA_DIR", "DATASETS", "CHECKSUMS_ENV", "expected_md5", "checksum_substitutes", "PROFILES", "PAD_INDEX", "UNK_INDEX", "DatasetUnavailable",
     "mnist", "fashion_mnist", "cifar10", "cifar10_normalize", "augment_crop_flip", "celeba",
     "imdb", "tokenize", "glove", "glove_vocab", "imdb_tensors",
     "synthetic_mnist", "synthetic_fashion_mnist", "synthetic_cifar10", "synthetic_celeba",
@@ -74,6 +81,7 @@ GLOVE_URLS = (
     "https://downloads.cs.stanford.edu/nlp/data/glove.6B.zip",
 )
 GLOVE_MD5 = "056ea991adb4740ac6bf1b6d9b50408b"
+GLOVE_ARCHIVE = "glove.6B.zip"
 GLOVE_DIMS = (50, 100, 200, 300)
 
 PAD_INDEX = 0  # token id of padding; its embedding row is zero
@@ -93,6 +101,88 @@ class DatasetUnavailable(RuntimeError):
         self.dataset = dataset
         self.urls = tuple(urls)
         self.path = path
+
+
+# ----------------------------------------------------------------------------- checksums
+
+# Names a JSON file {file name: md5} whose md5s replace the published ones of those files. Unset
+# (what users have) means the published md5s. For testing the real loaders on hand-made files:
+# every check still runs, against the md5s of the files the test wrote.
+CHECKSUMS_ENV = "LOSSGRAD_CHECKSUMS"
+
+
+def _published_md5s() -> dict:
+    """Every data file whose md5 a loader checks, by the name the loaders know it by."""
+    cifar, celeba = torchvision.datasets.CIFAR10, torchvision.datasets.CelebA
+    table = {cifar.filename: cifar.tgz_md5, cifar.meta["filename"]: cifar.meta["md5"]}
+    table.update({name: md5 for name, md5 in cifar.train_list + cifar.test_list})
+    table.update({name: md5 for _, md5, name in celeba.file_list})
+    table.update({IMDB_ARCHIVE: IMDB_MD5, GLOVE_ARCHIVE: GLOVE_MD5})
+    return table
+
+
+def checksum_substitutes() -> dict:
+    """The md5s that ``$LOSSGRAD_CHECKSUMS`` substitutes for published ones (``{}`` when it is unset).
+
+    A name that no loader checks is an error (a typo would otherwise leave the published md5 in
+    force and the test failing for an unclear reason)."""
+    path = os.environ.get(CHECKSUMS_ENV)
+    if not path:
+        return {}
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"${CHECKSUMS_ENV} names {path}, which is not a readable JSON file of "
+                         f"{{file name: md5}} ({err}); unset it to use the published md5s") from err
+    unknown = sorted(set(table) - set(_published_md5s()))
+    if unknown:
+        raise ValueError(f"${CHECKSUMS_ENV} ({path}) names files no loader checks: {unknown}; "
+                         f"known names: {sorted(_published_md5s())}")
+    return table
+
+
+def expected_md5(name: str) -> str:
+    """The md5 a loader requires of the data file ``name``: the published one, unless
+    ``$LOSSGRAD_CHECKSUMS`` substitutes another (then with a warning, since such data are not the
+    published data set)."""
+    published = _published_md5s()[name]
+    substitute = checksum_substitutes().get(name)
+    if substitute is None:
+        return published
+    if name not in _WARNED_SUBSTITUTES:  # once per file and process
+        _WARNED_SUBSTITUTES.add(name)
+        warnings.warn(f"{name}: checking against md5 {substitute} from ${CHECKSUMS_ENV}, not the published "
+                      f"{published}: these are not the published data", stacklevel=2)
+    return substitute
+
+
+_WARNED_SUBSTITUTES: set = set()
+
+
+def _md5_failures(folder: Path, names) -> str:
+    """``" (<file> fails its md5 check, ...)"`` for the files among ``names`` present in ``folder`` whose
+    md5 is not :func:`expected_md5`'s, else ``""``: tells a damaged file from a missing one."""
+    bad = [str(folder / n) for n in names if (folder / n).is_file()
+           and not tv_utils.check_integrity(str(folder / n), expected_md5(n))]
+    return f" ({', '.join(bad)} fail{'s' if len(bad) == 1 else ''} its md5 check: damaged or not the " \
+           "original; delete and download again)" if bad else ""
+
+
+def _checked_dataset_class(cls):
+    """``cls`` (torchvision's CIFAR10 or CelebA), or a subclass whose md5 tables hold :func:`expected_md5`'s
+    values where ``$LOSSGRAD_CHECKSUMS`` substitutes some; torchvision's own checks then run unchanged."""
+    if not checksum_substitutes():
+        return cls
+    if cls is torchvision.datasets.CIFAR10:
+        attrs = dict(tgz_md5=expected_md5(cls.filename),
+                     train_list=[[name, expected_md5(name)] for name, _ in cls.train_list],
+                     test_list=[[name, expected_md5(name)] for name, _ in cls.test_list],
+                     meta=dict(cls.meta, md5=expected_md5(cls.meta["filename"])))
+    elif cls is torchvision.datasets.CelebA:
+        attrs = dict(file_list=[(fid, expected_md5(name), name) for fid, _, name in cls.file_list])
+    else:
+        raise TypeError(f"no md5 tables known for {cls.__name__}")
+    return type(cls.__name__, (cls,), attrs)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -219,7 +309,7 @@ def cifar10(root=None, download: bool = True) -> dict:
     file, so only the original files load. Convert batches with
     :func:`cifar10_normalize`.
     """
-    cls = torchvision.datasets.CIFAR10
+    cls = _checked_dataset_class(torchvision.datasets.CIFAR10)
     root = _resolve_root(root)
     try:
         train = cls(str(root), train=True, download=download)
@@ -228,6 +318,7 @@ def cifar10(root=None, download: bool = True) -> dict:
         reason = (f"download failed ({err})" if download
                   else "files not found, or they failed torchvision's md5 check, and download=False")
         files = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        reason += _md5_failures(root, [cls.filename]) + _md5_failures(root / cls.base_folder, files)
         raise _unavailable("CIFAR-10", reason, [cls.url], root / cls.base_folder, files,
                            f"(unpack {cls.filename}, md5 {cls.tgz_md5}, in {root})") from err
     return {"train": _cifar_tensors(train), "test": _cifar_tensors(test)}
@@ -319,7 +410,7 @@ def celeba(root=None, size: int = 64, download: bool = True, crop: int = CELEBA_
     the existence of the image folder). The preprocessed tensors are cached in
     ``<root>/celeba/celeba_crop<crop>_<size>.pt``; delete it to rebuild.
     """
-    cls = torchvision.datasets.CelebA
+    cls = _checked_dataset_class(torchvision.datasets.CelebA)
     root = _resolve_root(root)
     folder = root / cls.base_folder
     cache = folder / f"celeba_crop{crop}_{size}.pt"
@@ -337,6 +428,7 @@ def celeba(root=None, size: int = 64, download: bool = True, crop: int = CELEBA_
     except (OSError, RuntimeError) as err:
         reason = (f"download failed ({err})" if download
                   else "files not found, or they failed torchvision's md5 check, and download=False")
+        reason += _md5_failures(folder, [name for _, _, name in cls.file_list if not name.endswith(".zip")])
         files = ["img_align_celeba/   (folder of 202599 jpgs: unzip img_align_celeba.zip here)"]
         files += [f"{name}   (md5 {md5}; https://drive.google.com/uc?id={fid})"
                   for fid, md5, name in cls.file_list if not name.endswith(".zip")]
@@ -370,17 +462,18 @@ def imdb(root=None, download: bool = True) -> dict:
     base = root / "aclImdb"
     if not _imdb_present(base):
         archive = root / IMDB_ARCHIVE
-        have_archive = tv_utils.check_integrity(str(archive), IMDB_MD5)
+        md5 = expected_md5(IMDB_ARCHIVE)
+        files = [IMDB_ARCHIVE + f"   (md5 {md5}), or the extracted tree aclImdb/{{train,test}}/{{pos,neg}}/*.txt"]
+        have_archive = tv_utils.check_integrity(str(archive), md5)
         if not (have_archive or download):
-            raise _unavailable("IMDb", "files not found and download=False", [IMDB_URL], root,
-                               [IMDB_ARCHIVE + f"   (md5 {IMDB_MD5}), or the extracted tree "
-                                "aclImdb/{train,test}/{pos,neg}/*.txt"])
-        try:
-            tv_utils.download_and_extract_archive(IMDB_URL, str(root), filename=IMDB_ARCHIVE, md5=IMDB_MD5)
+            reason = (f"{archive} fails its md5 check (damaged or incomplete; delete it and download it again)"
+                      if archive.is_file() else "files not found")
+            raise _unavailable("IMDb", reason + " and download=False", [IMDB_URL], root, files)
+        try:  # uses the archive when its md5 matches, else downloads it
+            tv_utils.download_and_extract_archive(IMDB_URL, str(root), filename=IMDB_ARCHIVE, md5=md5)
         except (OSError, RuntimeError, tarfile.TarError) as err:
-            raise _unavailable("IMDb", f"download failed ({err})", [IMDB_URL], root,
-                               [IMDB_ARCHIVE + f"   (md5 {IMDB_MD5}), or the extracted tree "
-                                "aclImdb/{train,test}/{pos,neg}/*.txt"]) from err
+            raise _unavailable("IMDb", f"download failed ({err})" + _md5_failures(root, [IMDB_ARCHIVE]),
+                               [IMDB_URL], root, files) from err
         if not _imdb_present(base):
             raise _unavailable("IMDb", f"{archive} did not contain aclImdb/{{train,test}}/{{pos,neg}}/",
                                [IMDB_URL], root, [IMDB_ARCHIVE])
@@ -435,7 +528,7 @@ def glove(dim: int = 100, root=None, download: bool = True) -> tuple[list[str], 
     """GloVe 6B word vectors (Pennington et al. 2014): ``(words, vectors (V, dim))``.
 
     Reads ``<root>/glove/glove.6B.<dim>d.txt``, or that member of
-    ``<root>/glove/glove.6B.zip`` (downloaded, md5-checked, when neither is
+    ``<root>/glove/glove.6B.zip`` (md5-checked; downloaded when neither is
     there). The parsed matrix is cached in ``<root>/glove/glove.6B.<dim>d.pt``
     and later calls read only the cache (delete it after changing the text).
     """
@@ -443,22 +536,26 @@ def glove(dim: int = 100, root=None, download: bool = True) -> tuple[list[str], 
         raise ValueError(f"GloVe 6B comes in dims {GLOVE_DIMS}, got dim={dim}")
     folder = _resolve_root(root) / "glove"
     name = f"glove.6B.{dim}d.txt"
-    txt, archive, cache = folder / name, folder / "glove.6B.zip", folder / f"glove.6B.{dim}d.pt"
+    txt, archive, cache = folder / name, folder / GLOVE_ARCHIVE, folder / f"glove.6B.{dim}d.pt"
     if cache.is_file():
         cached = torch.load(cache, weights_only=True)
         return cached["words"], cached["vectors"]
-    files = [f"{name}, or glove.6B.zip (md5 {GLOVE_MD5}) which contains it"]
+    md5 = expected_md5(GLOVE_ARCHIVE)
+    files = [f"{name}, or {GLOVE_ARCHIVE} (md5 {md5}) which contains it"]
     if txt.is_file():
         with open(txt, encoding="utf-8") as fh:
             words, vectors = _parse_glove(fh, dim, str(txt))
     else:
+        if archive.is_file() and not tv_utils.check_integrity(str(archive), md5):
+            raise _unavailable("GloVe 6B", f"{archive} fails its md5 check (damaged or incomplete: delete it and "
+                               "download it again)", GLOVE_URLS, folder, files)
         if not archive.is_file():
             if not download:
                 raise _unavailable("GloVe 6B", "files not found and download=False", GLOVE_URLS, folder, files)
             errors = []
             for url in GLOVE_URLS:
                 try:
-                    tv_utils.download_url(url, str(folder), filename=archive.name, md5=GLOVE_MD5)
+                    tv_utils.download_url(url, str(folder), filename=archive.name, md5=md5)
                     break
                 except (OSError, RuntimeError) as err:
                     errors.append(f"{url}: {err}")

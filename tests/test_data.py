@@ -4,16 +4,14 @@ No test touches the network: an autouse fixture makes every urllib request
 (torchvision's downloads go through it) and torchvision's Google-Drive
 download fail, as they would on a machine without internet access.
 
-torchvision refuses CIFAR-10 and CelebA files whose md5 differs from the
-originals'. The loaders keep that check; the tests that read hand-made files
-set the class's md5 table to the md5s of those files (monkeypatch, undone after
-the test), so the same integrity path runs and passes. A separate test shows
-that the unpatched check rejects the hand-made files.
+The loaders check the md5 of CIFAR-10's and CelebA's files (through torchvision)
+and of the IMDb and GloVe archives against the published md5s. Tests that read
+hand-made files name those files' md5s through the loaders' documented seam
+($LOSSGRAD_CHECKSUMS, see companion.data.expected_md5), so the same checks run
+and pass; separate tests show that without it the hand-made files are refused
+and that with it a damaged file still is.
 """
-import gzip
-import hashlib
-import pickle
-import struct
+import json
 import sys
 import tarfile
 import urllib.error
@@ -26,10 +24,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from companion import data as D  # noqa: E402
+from original_format import (REVIEWS, make_celeba_tree, make_cifar_tree, make_idx_files,  # noqa: E402
+                             make_imdb_tree, md5, write_glove_txt, write_original_downloads)
 
 IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -48,10 +47,6 @@ def no_network(monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
     monkeypatch.setattr(torchvision.datasets.celeba, "download_file_from_google_drive", refuse_drive)
     monkeypatch.delenv("LOSSGRAD_DATA", raising=False)
-
-
-def md5(path):
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- contracts
@@ -87,25 +82,6 @@ def assert_imdb_contract(d):
 
 
 # ----------------------------------------------------------------------------- MNIST, Fashion-MNIST
-
-def write_idx(path, array):
-    """Gzipped IDX file: magic 0x0000080<ndim> (ubyte), big-endian sizes, data."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = struct.pack(">I", 0x0800 | array.ndim) + b"".join(struct.pack(">I", s) for s in array.shape)
-    with gzip.open(path, "wb") as fh:
-        fh.write(header + array.tobytes())
-
-
-def make_idx_files(folder, n_train=20, n_test=10, seed=0):
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {"train": (rng.integers(0, 256, (n_train, 28, 28)), rng.integers(0, 10, n_train)),
-              "test": (rng.integers(0, 256, (n_test, 28, 28)), rng.integers(0, 10, n_test))}
-    for (split, (x, y)), prefix in zip(arrays.items(), ("train", "t10k")):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", x)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", y)
-    return arrays
-
 
 def check_idx_roundtrip(d, arrays):
     assert_classification_images(d, 1, 28, torch.float32)
@@ -167,30 +143,17 @@ def test_fashion_mnist_real_debian_copy(tmp_path):
 
 # ----------------------------------------------------------------------------- CIFAR-10
 
-def make_cifar_tree(root, n=4, seed=0):
-    """The python batches: pickled dicts with 'data' (N, 3072) uint8 rows (1024 R,
-    1024 G, 1024 B values, row-major) and 'labels'. The originals are Python-2
-    pickles whose str keys torchvision reads back as str (encoding='latin1')."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    batches = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"batch_label": name, "data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
-                 "labels": rng.integers(0, 10, n).tolist(), "filenames": [f"{name}_{i}.png" for i in range(n)]}
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-        batches[name] = batch
-    meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer",
-                            "dog", "frog", "horse", "ship", "truck"], "num_cases_per_batch": n}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
-    return folder, batches
+def trust(monkeypatch, tmp_path, folder, names):
+    """The seam users never set: the md5s of these hand-made files replace the published ones."""
+    table = tmp_path / "checksums.json"
+    table.write_text(json.dumps({name: md5(folder / name) for name in names}))
+    monkeypatch.setenv(D.CHECKSUMS_ENV, str(table))
 
 
 def trust_cifar_files(monkeypatch, folder):
     cls = torchvision.datasets.CIFAR10
-    monkeypatch.setattr(cls, "train_list", [[name, md5(folder / name)] for name, _ in cls.train_list])
-    monkeypatch.setattr(cls, "test_list", [[name, md5(folder / name)] for name, _ in cls.test_list])
-    monkeypatch.setattr(cls, "meta", dict(cls.meta, md5=md5(folder / "batches.meta")))
+    names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    trust(monkeypatch, folder.parent, folder, names)
 
 
 def test_cifar10_reads_python_batches(tmp_path, monkeypatch):
@@ -277,37 +240,9 @@ def test_augment_crop_really_shifts():
 
 # ----------------------------------------------------------------------------- CelebA
 
-def make_celeba_tree(root, partitions=(0, 0, 0, 1, 2, 2)):
-    """Aligned-CelebA-sized jpgs (178 x 218): black, with the central 140 x 140
-    square in a grey level particular to each image, + the five annotation files."""
-    folder = root / "celeba"
-    (folder / "img_align_celeba").mkdir(parents=True)
-    names = [f"{i + 1:06d}.jpg" for i in range(len(partitions))]
-    levels = [40 + 35 * i for i in range(len(partitions))]
-    for name, level in zip(names, levels):
-        img = np.zeros((218, 178, 3), dtype=np.uint8)
-        img[39:179, 19:159] = level
-        Image.fromarray(img).save(folder / "img_align_celeba" / name, quality=100, subsampling=0)
-    attrs = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Smiling"]
-    lines = {
-        "list_eval_partition.txt": [f"{n} {p}" for n, p in zip(names, partitions)],
-        "list_attr_celeba.txt": [str(len(names)), " ".join(attrs)] + [f"{n}  -1  1 -1" for n in names],
-        "identity_CelebA.txt": [f"{n} {i + 7}" for i, n in enumerate(names)],
-        "list_bbox_celeba.txt": [str(len(names)), "image_id x_1 y_1 width height"]
-        + [f"{n}  95  71 226 313" for n in names],
-        "list_landmarks_align_celeba.txt": [str(len(names)), "lefteye_x lefteye_y righteye_x righteye_y nose_x "
-                                            "nose_y leftmouth_x leftmouth_y rightmouth_x rightmouth_y"]
-        + [f"{n}  69 109 106 113 77 142 73 152 108 154" for n in names],
-    }
-    for fname, rows in lines.items():
-        (folder / fname).write_text("\n".join(rows) + "\n")
-    return folder, levels
-
-
 def trust_celeba_files(monkeypatch, folder):
-    cls = torchvision.datasets.CelebA
-    table = [(fid, h if name.endswith(".zip") else md5(folder / name), name) for fid, h, name in cls.file_list]
-    monkeypatch.setattr(cls, "file_list", table)
+    names = [name for _, _, name in torchvision.datasets.CelebA.file_list if not name.endswith(".zip")]
+    trust(monkeypatch, folder.parent, folder, names)
 
 
 def test_celeba_crop_resize_split_and_cache(tmp_path, monkeypatch):
@@ -351,23 +286,6 @@ def test_celeba_missing_lists_every_file(tmp_path, download):
 
 # ----------------------------------------------------------------------------- IMDb, tokenizer, GloVe
 
-REVIEWS = {
-    ("train", "pos"): ["A great movie.<br /><br />Loved it!", "Wonderful, isn't it?", "GREAT great"],
-    ("train", "neg"): ["Bad film. It's awful", "boring"],
-    ("test", "pos"): ["great"],
-    ("test", "neg"): ["awful awful"],
-}
-
-
-def make_imdb_tree(root):
-    for (split, kind), texts in REVIEWS.items():
-        folder = root / "aclImdb" / split / kind
-        folder.mkdir(parents=True)
-        for i, text in enumerate(texts):
-            (folder / f"{i}_{8 if kind == 'pos' else 2}.txt").write_text(text, encoding="utf-8")
-    unsup = root / "aclImdb" / "train" / "unsup"
-    unsup.mkdir()
-    (unsup / "0_0.txt").write_text("unlabelled", encoding="utf-8")
 
 
 def expected_reviews(split):
@@ -387,7 +305,7 @@ def test_imdb_extracts_local_archive(tmp_path, monkeypatch):
     archive = root / D.IMDB_ARCHIVE
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tmp_path / "src" / "aclImdb", arcname="aclImdb")
-    monkeypatch.setattr(D, "IMDB_MD5", md5(archive))  # stands in for the real archive's md5
+    trust(monkeypatch, tmp_path, root, [D.IMDB_ARCHIVE])  # stands in for the real archive's md5
     d = D.imdb(root=root, download=False)
     assert d["train"] == expected_reviews("train")
 
@@ -409,13 +327,6 @@ def test_tokenize():
     assert D.tokenize("") == []
 
 
-def write_glove_txt(path, words, vectors):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for w, v in zip(words, vectors):
-            fh.write(w + " " + " ".join(f"{x:.6f}" for x in v.tolist()) + "\n")
-
-
 GLOVE_WORDS = ["the", ",", "great", "awful", "movie", "n't", "'s"]
 
 
@@ -435,12 +346,13 @@ def test_glove_reads_txt_then_cache(tmp_path):
     assert words2 == words and torch.equal(vectors2, vectors)
 
 
-def test_glove_reads_member_of_zip(tmp_path):
+def test_glove_reads_member_of_zip(tmp_path, monkeypatch):
     vecs = glove_vectors(dim=100)
     write_glove_txt(tmp_path / "src" / "glove.6B.100d.txt", GLOVE_WORDS, vecs)
     (tmp_path / "glove").mkdir()
     with zipfile.ZipFile(tmp_path / "glove" / "glove.6B.zip", "w") as zf:
         zf.write(tmp_path / "src" / "glove.6B.100d.txt", "glove.6B.100d.txt")
+    trust(monkeypatch, tmp_path, tmp_path / "glove", [D.GLOVE_ARCHIVE])
     words, vectors = D.glove(100, root=tmp_path, download=False)
     assert words == GLOVE_WORDS and torch.allclose(vectors, vecs, atol=1e-6)
 
@@ -591,3 +503,83 @@ def test_synthetic_celeba_is_low_dimensional():
     top = (energy[:8].sum() / energy.sum()).item()
     assert top > 0.8  # i.i.d. pixel noise of this size would give about 8/256
     assert x.std().item() > 0.05  # and the images are not flat
+
+
+# ----------------------------------------------------------------------------- the original downloads, md5 seam
+
+@pytest.fixture
+def downloads(tmp_path):
+    """A data folder holding every data set as downloaded (tests/original_format.py) and its checksums JSON."""
+    checksums = write_original_downloads(tmp_path / "data", n_images=16)
+    return tmp_path / "data", checksums
+
+
+REAL_CONTRACT = {"mnist": 16, "fashion_mnist": 16, "cifar10": 40, "celeba": 8, "imdb": 16}
+
+
+@pytest.mark.parametrize("name", D.DATASETS)
+def test_every_loader_reads_the_original_downloads_through_the_checksum_seam(downloads, monkeypatch, name):
+    root, checksums = downloads
+    monkeypatch.setattr(D, "FASHION_MNIST_SYSTEM_DIRS", ())
+    monkeypatch.setenv(D.CHECKSUMS_ENV, str(checksums))
+    monkeypatch.setattr(D, "_WARNED_SUBSTITUTES", set())
+    if name in ("cifar10", "celeba", "imdb"):  # md5-checked: the seam says these are not the published data
+        with pytest.warns(UserWarning, match="not the published data"):
+            d = D.load(name, "paper", root=root)  # download=True, as the notebooks call it: local files used
+    else:
+        d = D.load(name, "paper", root=root)
+    check_contract(name, d)
+    first = d["train"][0] if isinstance(d["train"], tuple) else d["train"]
+    assert first.shape[0] == REAL_CONTRACT[name]
+    if name == "imdb":
+        assert d["embeddings"].shape == (13 + 2, 100)  # GloVe 100-d, as the paper's model
+
+
+@pytest.mark.parametrize("name", ["cifar10", "celeba", "imdb"])
+def test_original_downloads_are_refused_against_the_published_md5s(downloads, name):
+    root, _ = downloads  # no $LOSSGRAD_CHECKSUMS: what users have
+    with pytest.raises(D.DatasetUnavailable, match="md5"):
+        D.load(name, "paper", root=root)
+
+
+@pytest.mark.parametrize("relative, dataset", [
+    ("cifar-10-python.tar.gz", "cifar10"), ("aclImdb_v1.tar.gz", "imdb"), ("glove/glove.6B.zip", "imdb"),
+    ("celeba/list_eval_partition.txt", "celeba"), ("celeba/list_attr_celeba.txt", "celeba"),
+])
+@pytest.mark.parametrize("download", [False, True])
+def test_a_damaged_file_with_its_real_name_is_refused_with_a_clear_error(downloads, monkeypatch, relative,
+                                                                          dataset, download):
+    root, checksums = downloads
+    monkeypatch.setenv(D.CHECKSUMS_ENV, str(checksums))
+    path = root / relative
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte: same name, same size
+    path.write_bytes(bytes(raw))
+    with pytest.raises(D.DatasetUnavailable) as info:
+        D.load(dataset, "paper", root=root, download=download)
+    assert f"{path} fail" in str(info.value) and "md5" in str(info.value)
+
+
+def test_a_damaged_cifar_batch_is_refused_after_extraction(downloads, monkeypatch):
+    root, checksums = downloads
+    monkeypatch.setenv(D.CHECKSUMS_ENV, str(checksums))
+    D.cifar10(root=root)  # extracts the archive
+    batch = root / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:-1] + b"\0")
+    (root / "cifar-10-python.tar.gz").unlink()  # so that it cannot be extracted again
+    with pytest.raises(D.DatasetUnavailable) as info:
+        D.cifar10(root=root, download=False)
+    assert f"{batch} fails its md5 check" in str(info.value)
+
+
+def test_the_checksum_seam_refuses_unknown_names_and_unreadable_files(tmp_path, monkeypatch):
+    table = tmp_path / "sums.json"
+    table.write_text(json.dumps({"data_batch_9": "0" * 32}))
+    monkeypatch.setenv(D.CHECKSUMS_ENV, str(table))
+    with pytest.raises(ValueError, match="no loader checks: \\['data_batch_9'\\]"):
+        D.expected_md5("data_batch_1")
+    monkeypatch.setenv(D.CHECKSUMS_ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="not a readable JSON"):
+        D.expected_md5("data_batch_1")
+    monkeypatch.delenv(D.CHECKSUMS_ENV)
+    assert D.expected_md5("data_batch_1") == dict(torchvision.datasets.CIFAR10.train_list)["data_batch_1"]
