@@ -278,6 +278,23 @@ def _sgd(params, options) -> SGD:
                weight_decay=options.get("weight_decay", 0.0))
 
 
+def _check_schedule_within_epochs(name: str, options: dict) -> None:
+    """With ``epochs`` given, a schedule must change the lr within them: a milestone or step at or beyond
+    the last epoch never acts (the class of bug a shrunk profile gets when its schedule is not shrunk too)."""
+    epochs = options.get("epochs")
+    if epochs is None:
+        return
+    if name in ("sgd_multistep", "adam_steps"):
+        default = (100, 150) if name == "sgd_multistep" else ()
+        milestones = list(options.get("milestones", default))
+        if any(not 0 < m < epochs for m in milestones) or milestones != sorted(set(milestones)):
+            raise ValueError(f"{name}: milestones {milestones} must increase and lie in 1..{epochs - 1} "
+                             f"(training runs {epochs} epochs); scale them with the epochs")
+    if name == "sgd_steplr" and not 0 < options.get("step_size", 20) < epochs:
+        raise ValueError(f"sgd_steplr: step_size {options.get('step_size', 20)} must lie in 1..{epochs - 1} "
+                         f"(training runs {epochs} epochs); scale it with the epochs")
+
+
 def make_optimizer(name: str, params, **options) -> tuple[Optimizer, LRScheduler | None]:
     """Build optimizer ``name`` (and its per-epoch scheduler, or None) from ``options``.
 
@@ -309,6 +326,7 @@ def make_optimizer(name: str, params, **options) -> tuple[Optimizer, LRScheduler
         raise TypeError(f"make_optimizer({name!r}) got unknown option(s) {sorted(unknown)}; "
                         f"accepted: {sorted(_ACCEPTED[name] | {'epochs'})}")
 
+    _check_schedule_within_epochs(name, options)
     if name == "wngrad":
         if "lr" not in options:
             raise TypeError("wngrad needs an lr option (its b0 = 1/lr)")

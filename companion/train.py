@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -32,6 +33,18 @@ from .baselines import make_optimizer
 from .data import atomic_save
 
 Batch = tuple  # a tuple of tensors sharing their first dimension
+
+# Part of every run's identity. Bump it when a change to lossgrad.py or companion/ changes the numbers a
+# run computes (not for refactors that keep them bit for bit): every stored run is then recomputed.
+RUN_CODE_VERSION = 1
+
+# Set to 1, a run that is not stored under its identity raises StoredRunMissing instead of training: a
+# dry check that re-executing a notebook only loads (see RunStore.get).
+STORED_ONLY_ENV = "LOSSGRAD_STORED_ONLY"
+
+
+class StoredRunMissing(RuntimeError):
+    """``$LOSSGRAD_STORED_ONLY`` is set and a run would be trained (it is absent, or its identity changed)."""
 
 
 # ------------------------------------------------------------------- basics
@@ -290,17 +303,28 @@ class RunStore:
 
     def get(self, name: str, config: dict, compute: Callable[[Path], dict]) -> dict:
         path, digest = self.path(name), config_digest(config)
+        why = "it is not stored"
         if path.exists():
             result = torch.load(path, weights_only=False)
             if result.get("config_digest") == digest:
                 return result
-            print(f"{name}: its settings changed since it was stored; running it again")
+            why = "its identity changed since it was stored: " + identity_changes(result.get("config", {}), config)
+            print(f"{name}: {why}; running it again")
+        if os.environ.get(STORED_ONLY_ENV) == "1":
+            raise StoredRunMissing(f"{self.dir / name}: {why}; ${STORED_ONLY_ENV}=1 forbids training it")
         checkpoint = path.with_suffix(f".{digest}.ckpt")
         result = compute(checkpoint)
         result.update(name=name, config=config, config_digest=digest)
         atomic_save(result, path)
         checkpoint.unlink(missing_ok=True)
         return result
+
+
+def identity_changes(old: dict, new: dict) -> str:
+    """The entries of a run's identity that differ, as ``key: old -> new`` (for messages)."""
+    keys = sorted(set(old) | set(new))
+    return "; ".join(f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+                     for k in keys if old.get(k) != new.get(k)) or "(none)"
 
 
 def config_digest(config: dict) -> str:
@@ -333,11 +357,14 @@ class Experiment:
     def __post_init__(self):
         self.store = RunStore(self.notebook, self.profile, self.overrides)
 
-    def run(self, label: str, optimizer: str, seed: int, **options) -> dict:
-        """Train one (optimizer, options, seed) run, or load it if it already finished.
+    def identity(self, optimizer: str, seed: int, **options) -> dict:
+        """Everything that changes the numbers of the run (optimizer, options, seed): its stored identity.
 
-        Returns ``dict(label, optimizer, options, seed, epochs=[per-epoch metrics],
-        steps=dict(loss, lr, ratio), diverged, seconds, device, torch, extra)``."""
+        Derived from what the run uses, so that no setting can be left out: the data themselves (a
+        digest of every tensor, so the data set, its preprocessing, n_train and n_test), the task and
+        its parameters, the model's name, its changed options and a digest of its initial weights
+        (initialisation, architecture, frozen layers), the augmentation's code, the training code's
+        version (:data:`RUN_CODE_VERSION`), the profile, and the notebook's ``config`` and overrides."""
         model_name = getattr(self.model_fn, "__name__", None)
         if not model_name or model_name == "<lambda>":
             raise ValueError("Experiment's model_fn needs a stable name (a def'd function, not a lambda or "
@@ -345,12 +372,27 @@ class Experiment:
         config = dict(notebook=self.notebook, optimizer=optimizer, options=options, seed=seed, epochs=self.epochs,
                       batch_size=self.batch_size, n_train=len(self.train_data[0]), model=model_name)
         changed = model_options_changed(self.model_fn, self.model_options)
-        if changed:  # only what differs from model_fn's defaults: runs made before this option keep their identity
+        if changed:  # only what differs from model_fn's defaults: the defaults spelt out are the same run
             config["model_options"] = changed
         if self.config:
             config["settings"] = self.config
         if self.overrides:
             config["overrides"] = self.overrides
+        config.update(
+            code_version=RUN_CODE_VERSION, profile=self.profile, n_test=len(self.test_data[0]),
+            train_data=self._data_digest("train_data"), test_data=self._data_digest("test_data"),
+            task=_describe_task(self.task), augment=_describe_code(self.augment),
+            model_init=self._init_digest(seed), eval_train=self.eval_train)
+        return config
+
+    def run(self, label: str, optimizer: str, seed: int, **options) -> dict:
+        """Train one (optimizer, options, seed) run, or load it if it already finished.
+
+        Returns ``dict(label, optimizer, options, seed, epochs=[per-epoch metrics],
+        steps=dict(loss, lr, ratio), diverged, seconds, device, torch, extra)``."""
+        # bad options (a schedule beyond the epochs) fail here, before any run of the notebook trains
+        make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)], epochs=self.epochs, **options)
+        config = self.identity(optimizer, seed, **options)
 
         def compute(checkpoint: Path) -> dict:
             seed_everything(seed)
@@ -368,6 +410,25 @@ class Experiment:
         result.update(label=label, optimizer=optimizer, options=options, seed=seed)
         return result
 
+    def _data_digest(self, field: str) -> str:
+        cache = self.__dict__.setdefault("_digests", {})
+        if field not in cache:  # hashing the data once per experiment
+            cache[field] = tensors_digest(getattr(self, field))
+        return cache[field]
+
+    def _init_digest(self, seed: int) -> str:
+        """Digest of the model's initial weights (and which are trained) as the run builds it under ``seed``."""
+        key = ("init", seed, json.dumps(self.model_options, sort_keys=True, default=str))
+        cache = self.__dict__.setdefault("_digests", {})
+        if key not in cache:
+            rng = torch.get_rng_state()
+            seed_everything(seed)
+            model = self.model_fn(**(self.model_options or {}))
+            torch.set_rng_state(rng)
+            trained = [name for name, p in model.named_parameters() if p.requires_grad]
+            cache[key] = tensors_digest(tuple(model.state_dict().values()), extra=(list(model.state_dict()), trained))
+        return cache[key]
+
 
 # ------------------------------------------------------------------ helpers
 def model_options_changed(model_fn: Callable, options: Optional[dict]) -> dict:
@@ -378,6 +439,36 @@ def model_options_changed(model_fn: Callable, options: Optional[dict]) -> dict:
         raise ValueError(f"{getattr(model_fn, '__name__', model_fn)} has no argument(s) {unknown}")
     return {k: v for k, v in (options or {}).items()
             if params[k].default is inspect.Parameter.empty or params[k].default != v}
+
+
+def tensors_digest(tensors, extra=None) -> str:
+    """sha256 (first 16 hex digits) of tensors' dtypes, shapes and bytes, plus ``extra`` (JSON)."""
+    h = hashlib.sha256(json.dumps(extra, default=str).encode())
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _describe_task(task) -> dict:
+    """A task's class and its parameters (e.g. WAE-MMD's lambda and prior)."""
+    return {"class": type(task).__qualname__, **{k: v for k, v in sorted(vars(task).items())}}
+
+
+def _describe_code(fn) -> Optional[dict]:
+    """A function's name and a digest of its source (an augmentation): changing its code changes runs."""
+    if fn is None:
+        return None
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError) as err:
+        raise ValueError(f"the source of {fn!r} is needed for the run identity and cannot be read ({err}); "
+                         "define it in a file or a notebook cell") from err
+    closure = inspect.getclosurevars(fn).nonlocals if inspect.isfunction(fn) else {}
+    # values it reads as globals (a notebook's S) are not seen: pass those as the Experiment's config
+    return {"name": getattr(fn, "__qualname__", repr(fn)), "source": hashlib.sha256(source.encode()).hexdigest()[:16],
+            "closure": {k: repr(v) for k, v in sorted(closure.items())}}
 
 
 def _host_series(values: list) -> Tensor:

@@ -273,3 +273,118 @@ def test_model_options_reach_the_model_and_only_changed_ones_enter_the_run_ident
     assert torch.equal(plain["extra"]["first_bias"], torch.full((200,), 0.2))
     with pytest.raises(ValueError, match="no argument"):
         make(init_sdt=0.1).run("SGD", "sgd", seed=0, lr=0.0)
+
+
+# ------------------------------------------------------------ run identity
+def shifted(x, y):  # an augmentation
+    return x.roll(1, dims=-1), y
+
+
+def shifted_other_way(x, y):
+    return x.roll(-1, dims=-1), y
+
+
+def tiny_classifier_wide():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 33), nn.ReLU(), nn.Linear(33, 10))
+
+
+class ScaledClassification(Classification):
+    def __init__(self, scale=1.0):
+        self.scale = scale
+
+
+IDENTITY_CHANGES = {
+    "n_test": lambda kw: kw.update(test_data=tuple(t[:50] for t in kw["test_data"])),
+    "n_train": lambda kw: kw.update(train_data=tuple(t[:200] for t in kw["train_data"])),
+    "data content (same sizes)": lambda kw: kw.update(train_data=(kw["train_data"][0].flip(0), kw["train_data"][1])),
+    "preprocessing": lambda kw: kw.update(train_data=(kw["train_data"][0] * 0.5, kw["train_data"][1])),
+    "augmentation added": lambda kw: kw.update(augment=lambda batch, g: shifted(*batch)),
+    "task": lambda kw: kw.update(task=ScaledClassification()),
+    "task parameter": lambda kw: kw.update(task=ScaledClassification(2.0)),
+    "model": lambda kw: kw.update(model_fn=tiny_classifier_wide),
+    "initialisation": lambda kw: kw.update(model_fn=C.models.mnist_mlp, model_options=dict(init_std=0.03)),
+    "profile": lambda kw: kw.update(profile="quick"),
+    "epochs": lambda kw: kw.update(epochs=2),
+    "batch_size": lambda kw: kw.update(batch_size=50),
+    "eval_train": lambda kw: kw.update(eval_train=False),
+    "config": lambda kw: kw.update(config={"hidden": 3}),
+}
+
+
+def identity_base(mnist_like):
+    return dict(notebook="99_test", profile="smoke", train_data=mnist_like["train"], test_data=mnist_like["test"],
+                task=Classification(), model_fn=tiny_classifier, epochs=1, batch_size=100,
+                device=torch.device("cpu"), progress=False)
+
+
+def counting_run(exp, calls, **options):
+    real_fit = C.train.fit
+
+    def fit_and_count(*args, **kwargs):
+        calls.append(1)
+        return real_fit(*args, **kwargs)
+
+    C.train.fit = fit_and_count
+    try:
+        return exp.run("SGD", "sgd", seed=0, lr=0.1, **options)
+    finally:
+        C.train.fit = real_fit
+
+
+@pytest.mark.parametrize("change", list(IDENTITY_CHANGES))
+def test_changing_any_input_of_a_run_recomputes_it(mnist_like, change):
+    calls = []
+    counting_run(Experiment(**identity_base(mnist_like)), calls)
+    counting_run(Experiment(**identity_base(mnist_like)), calls)
+    assert len(calls) == 1, "the same run was not loaded"
+    if change == "initialisation":  # first store the run with the default initialisation of this model
+        counting_run(Experiment(**dict(identity_base(mnist_like), model_fn=C.models.mnist_mlp)), calls)
+        assert len(calls) == 2
+    kw = identity_base(mnist_like)
+    IDENTITY_CHANGES[change](kw)
+    before = len(calls)
+    counting_run(Experiment(**kw), calls)
+    assert len(calls) == before + 1, f"changing {change} reused the stored run"
+
+
+def make_shift(k):
+    def augment(batch, generator):  # the same source for every k: only the closure differs
+        x, y = batch
+        return x.roll(k, dims=-1), y
+    return augment
+
+
+def test_changing_the_augmentation_code_its_closure_or_the_code_version_recomputes(mnist_like, monkeypatch):
+    calls = []
+    kw = identity_base(mnist_like)
+    first = lambda batch, g: shifted(*batch)  # noqa: E731
+    second = lambda batch, g: shifted_other_way(*batch)  # noqa: E731
+    for augment in (first, second, make_shift(1), make_shift(2)):
+        counting_run(Experiment(**dict(kw, augment=augment)), calls)
+    assert len(calls) == 4
+    counting_run(Experiment(**dict(kw, augment=make_shift(2))), calls)
+    assert len(calls) == 4  # the same code and closure: loaded
+    counting_run(Experiment(**kw), calls)
+    monkeypatch.setattr(C.train, "RUN_CODE_VERSION", C.train.RUN_CODE_VERSION + 1)
+    counting_run(Experiment(**kw), calls)
+    assert len(calls) == 6
+
+
+def test_stored_only_refuses_to_train_and_says_why(mnist_like, monkeypatch):
+    exp = Experiment(**identity_base(mnist_like))
+    exp.run("SGD", "sgd", seed=0, lr=0.1)
+    monkeypatch.setenv(C.train.STORED_ONLY_ENV, "1")
+    assert exp.run("SGD", "sgd", seed=0, lr=0.1)["config"]["n_test"] == len(mnist_like["test"][0])  # loads
+    shorter = Experiment(**dict(identity_base(mnist_like), test_data=tuple(t[:10] for t in mnist_like["test"])))
+    with pytest.raises(C.train.StoredRunMissing, match="n_test: 100 -> 10"):
+        shorter.run("SGD", "sgd", seed=0, lr=0.1)
+    with pytest.raises(C.train.StoredRunMissing, match="not stored"):
+        exp.run("SGD", "sgd", seed=5, lr=0.1)
+
+
+def test_a_schedule_beyond_the_epochs_is_refused_before_training(mnist_like):
+    exp = Experiment(**dict(identity_base(mnist_like), epochs=3))
+    with pytest.raises(ValueError, match="milestones \\[2, 5\\] must increase and lie in 1..2"):
+        exp.run("step", "sgd_multistep", seed=0, lr=0.1, milestones=[2, 5])
+    with pytest.raises(ValueError, match="step_size 3 must lie in 1..2"):
+        exp.run("step", "sgd_steplr", seed=0, lr=0.1, step_size=3)
