@@ -32,6 +32,25 @@ reproduction notebooks use it so): no copy of the weights is made, and a non-fin
 probe is stepped into as the pseudocode says. A zero gradient (:math:`\ell = 0`) leaves :math:`h`
 as it is.
 
+Momentum and Adam directions (the authors' future work; ours)
+-------------------------------------------------------------
+The rule applies to any direction :math:`d` built from the gradients: :math:`x' = x - h\,d`, the
+predicted decrease is :math:`\ell = h\,\langle G, d\rangle`, and :math:`r` and the update of
+:math:`h` are as above (the parabola through :math:`F(x)`, slope :math:`-\langle G, d\rangle` and
+:math:`F(x')` has its minimum beyond :math:`h` exactly when :math:`r < \tfrac12`).
+``direction='sgd'`` is :math:`d = G` (the paper's form, the default). ``direction='momentum'`` is
+heavy ball, :math:`v \leftarrow \mu v + G`, :math:`d = v` (``nesterov=True``: :math:`d = G + \mu v`),
+as ``torch.optim.SGD(momentum=mu, nesterov=...)`` with ``lr`` = :math:`h`. ``direction='adam'`` is
+:math:`d = \hat m / (\sqrt{\hat v} + \epsilon)` with bias correction, as ``torch.optim.Adam(betas, eps)``
+with ``lr`` = :math:`h`. Weight decay stays L2 in the objective (it enters :math:`G`, hence the buffers),
+not AdamW's decoupled decay: the rule compares the objective's measured change with its predicted
+change, so the decay must be part of that objective. When :math:`\langle G, d\rangle \le 0` (momentum
+pointing uphill for this batch) :math:`r` means nothing: the step is taken, :math:`h` is kept, the guards'
+rollbacks still apply, and ``last['non_descent']`` says so. The buffers are updated once per step from
+:math:`G` (clipped when ``max_grad_norm`` is set), never from the probe. An undone step restores
+:math:`x` and keeps its gradient in the buffers (it was measured at :math:`x`, where the weights are put
+back); a non-finite gradient never enters them.
+
 Two guards, on by default, change Algorithm 1 only where it fails
 -----------------------------------------------------------------
 * ``rollback``: ``'nonfinite'`` restores :math:`x` (bitwise, from a copy taken before the step)
@@ -41,8 +60,8 @@ Two guards, on by default, change Algorithm 1 only where it fails
   :math:`F(x')` exceeds :math:`F(x)` by more than the loss's resolution (an acceptance test on
   the same batch). ``None`` never restores and keeps no copy.
 * ``resolution_guard``: a step is *unresolved* when both :math:`\ell` and :math:`|F(x') - F(x)|`
-  are below the loss's resolution :math:`\rho\,|F(x)|` (see :func:`loss_resolution`): the
-  difference is rounding noise and :math:`r` says nothing. On an unresolved step :math:`h` grows
+  are below the loss's resolution :math:`\rho\,|F(x)|` (see :func:`loss_resolution`), or when
+  :math:`F(x') = F(x)` exactly: the difference is rounding noise and :math:`r` says nothing. On an unresolved step :math:`h` grows
   by :math:`c`, but never beyond ``resolved_lr``, the step size the rule chose after the
   last resolved step it kept (infinite until the first one). So a too-small initial :math:`h` grows until the loss can see
   its steps, an :math:`h` pushed below the resolution later (by hand, by a run of rollbacks)
@@ -83,13 +102,15 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.optim.optimizer import Optimizer
+from torch.utils.weak import WeakTensorKeyDictionary
 
 __all__ = ["LossGrad", "RESOLUTION_ULPS", "loss_resolution"]
 
 #: The loss difference must exceed this many machine epsilons of the accumulation dtype (float32 or
-#: wider) times |F(x)| to be read. A batch-mean loss carries rounding errors of a few ulps per
-#: reduction level; 64 leaves a margin without making the guard fire on healthy steps.
-RESOLUTION_ULPS = 64.0
+#: wider) times |F(x)| to be read. A batch-mean loss carries rounding errors of a few ulps (measured:
+#: one or two on the regression MLP of benchmarks/insensitivity.py); 8 leaves a margin. 64, used before,
+#: hid readable steps: the Adam form from h0 = 1e-6 never started there.
+RESOLUTION_ULPS = 8.0
 #: A 16-bit loss is rounded once to its own dtype after a float32 reduction: two of its ulps.
 ROUNDING_ULPS = 2.0
 
@@ -99,17 +120,52 @@ _BACKWARD_IN_CLOSURE = (
     "second backward doubles the gradient or fails). Remove loss.backward() from the closure, or call "
     "backward yourself and pass the loss: opt.step(closure, loss=loss)")
 # Options that are one value for the whole optimizer; groups may differ only in weight_decay.
-_GLOBAL_OPTIONS = ("lr", "c", "rollback", "resolution_guard", "max_grad_norm", "min_lr", "max_lr")
+_GLOBAL_OPTIONS = ("lr", "c", "direction", "momentum", "nesterov", "betas", "eps", "rollback", "resolution_guard",
+                   "max_grad_norm", "min_lr", "max_lr")
+_DIRECTIONS = ("sgd", "momentum", "adam")
+
+
+def _direction_options(direction, momentum, nesterov, betas, eps):
+    """Validated (momentum, nesterov, betas, eps) for ``direction``; an option of another direction is an error."""
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+    given = {name: value for name, value in (("momentum", momentum), ("betas", betas), ("eps", eps))
+             if value is not None}
+    if nesterov:
+        given["nesterov"] = nesterov
+    allowed = {"sgd": (), "momentum": ("momentum", "nesterov"), "adam": ("betas", "eps")}[direction]
+    wrong = sorted(set(given) - set(allowed))
+    if wrong:
+        raise ValueError(f"{wrong} do(es) not apply to direction={direction!r}; "
+                         f"direction='momentum' takes momentum and nesterov, direction='adam' takes betas and eps")
+    if direction == "momentum":
+        momentum = 0.9 if momentum is None else momentum
+        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+        if not isinstance(nesterov, bool):
+            raise ValueError(f"nesterov must be True or False, got {nesterov!r}")
+        return float(momentum), nesterov, None, None
+    if direction == "adam":
+        betas = (0.9, 0.999) if betas is None else betas
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        eps = 1e-8 if eps is None else eps
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        return None, False, (float(betas[0]), float(betas[1])), float(eps)
+    return None, False, None, None
 
 
 def loss_resolution(dtype: torch.dtype) -> float:
     r"""Relative resolution :math:`\rho` of a loss of this dtype: changes below :math:`\rho|F|` are noise.
 
     ``RESOLUTION_ULPS`` epsilons of the accumulation dtype (float32 for 16-bit and float32 losses,
-    float64 for float64), and at least ``ROUNDING_ULPS`` epsilons of the loss's own dtype:
-    7.6e-6 for float32 (and a float32 loss computed under autocast), 2.0e-3 for float16, 1.6e-2 for
-    bfloat16. A 16-bit loss hides every step that changes it by less than that; return the loss in
-    float32 (``loss.float()`` before the reduction) to keep the float32 resolution."""
+    float64 for float64), and at least ``ROUNDING_ULPS`` epsilons of the dtype itself: 9.5e-7 for
+    float32, 2.0e-3 for float16, 1.6e-2 for bfloat16. ``LossGrad`` takes the coarsest of the loss's and
+    the parameters' dtypes (a 16-bit model's outputs are rounded before a float32 loss sees them), and
+    also counts a step that leaves the loss exactly unchanged as unresolved: under autocast a float32
+    loss of a float32 model is computed from 16-bit activations, which no dtype check can see."""
     if not dtype.is_floating_point:
         dtype = torch.float32
     accumulate = torch.float64 if dtype == torch.float64 else torch.float32
@@ -130,6 +186,12 @@ class LossGrad(Optimizer):
             steps. 1e-4 is the value of the authors' example code (the paper's text lost it).
         c: factor by which :math:`h` grows or shrinks each step (> 1). 1.05 is the best row of the
             paper's c sweep; 1.001 adapts too slowly, 1.2 is unstable there.
+        direction: ``'sgd'`` (default; the paper's algorithm), ``'momentum'`` or ``'adam'`` (see the
+            module docstring).
+        momentum, nesterov: for ``direction='momentum'`` only: :math:`\mu \in [0, 1)` (default 0.9)
+            and Nesterov's form (default ``False``).
+        betas, eps: for ``direction='adam'`` only: as in ``torch.optim.Adam`` (default (0.9, 0.999)
+            and 1e-8).
         weight_decay: :math:`\lambda` of the regulariser :math:`\tfrac{\lambda}{2}\lVert x\rVert^2`,
             which is part of the objective: it enters the gradient, the prediction and the probe.
         rollback: ``'nonfinite'`` (default), ``'increase'`` or ``None``; see the module docstring.
@@ -137,6 +199,10 @@ class LossGrad(Optimizer):
             buffer, reused) to restore them bitwise.
         resolution_guard: treat steps below the loss's resolution as described in the module
             docstring (default ``True``). Leave it on.
+        resolution_dtype: a dtype whose resolution the loss has at best, beyond the loss's and the
+            parameters' own (see :func:`loss_resolution`). Under autocast pass its dtype
+            (e.g. ``torch.bfloat16``): a float32 loss computed from 16-bit activations moves in
+            16-bit steps, which no dtype LossGrad can see tells it.
         max_grad_norm: clip :math:`G` to this norm inside ``step``, with the prediction made
             along the clipped step (default ``None``: no clipping).
         min_lr, max_lr: optional bounds on :math:`h` (default 0 and infinity).
@@ -187,8 +253,11 @@ class LossGrad(Optimizer):
     ``sync_free``; ``float()`` of either is the step size). ``param_groups[0]['resolved_lr']`` is
     the guard's memory. Both are saved by ``state_dict()``. ``last`` holds the latest step's
     ``loss``, ``probe_loss``, ``ratio``, ``sq_grad_norm`` (of :math:`G`, before clipping),
-    ``clip_scale`` :math:`s`, ``undone`` (the step was undone or not taken) and ``skipped`` (not
-    taken: :math:`\lVert G\rVert^2` was not finite), each a 0-dim tensor on every path.
+    ``clip_scale`` :math:`s`, ``slope`` :math:`\langle G, d\rangle`, ``non_descent`` (slope
+    :math:`\le 0`), ``undone`` (the step was undone or not taken) and ``skipped`` (not taken:
+    :math:`\lVert G\rVert^2` was not finite), each a 0-dim tensor on every path. A direction's buffers
+    (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq``, ``step``) are per-parameter state, saved by
+    ``state_dict()``.
     """
 
     def __init__(
@@ -197,9 +266,15 @@ class LossGrad(Optimizer):
         lr: float | Tensor = 1e-4,
         c: float = 1.05,
         *,
+        direction: str = "sgd",
+        momentum: Optional[float] = None,
+        nesterov: bool = False,
+        betas: Optional[tuple] = None,
+        eps: Optional[float] = None,
         weight_decay: float = 0.0,
         rollback: Optional[str] = "nonfinite",
         resolution_guard: bool = True,
+        resolution_dtype: Optional[torch.dtype] = None,
         max_grad_norm: Optional[float] = None,
         min_lr: float = 0.0,
         max_lr: float = math.inf,
@@ -225,22 +300,28 @@ class LossGrad(Optimizer):
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
                                               and math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {max_grad_norm!r}")
+        if resolution_dtype is not None and not (isinstance(resolution_dtype, torch.dtype)
+                                                  and resolution_dtype.is_floating_point):
+            raise ValueError(f"resolution_dtype must be a floating-point torch.dtype or None, got {resolution_dtype!r}")
         if distributed not in (None, True, False):
             raise ValueError(f"distributed must be None (auto), True or False, got {distributed!r}")
-        defaults = dict(lr=lr, c=float(c), weight_decay=weight_decay, rollback=rollback,
+        momentum, nesterov, betas, eps = _direction_options(direction, momentum, nesterov, betas, eps)
+        defaults = dict(lr=lr, c=float(c), direction=direction, momentum=momentum, nesterov=nesterov, betas=betas,
+                        eps=eps, weight_decay=weight_decay, rollback=rollback,
                         resolution_guard=bool(resolution_guard), max_grad_norm=max_grad_norm,
                         min_lr=float(min_lr), max_lr=float(max_lr), resolved_lr=math.inf)
         super().__init__(params, defaults)
         self.foreach = _foreach_available() if foreach is None else bool(foreach)
         self.sync_free = sync_free
         self.probe_grad = bool(probe_grad)
+        self.resolution_dtype = resolution_dtype
         self.distributed = distributed
         self.process_group = process_group
         self._last: Optional[dict] = None
-        self._backup: dict = {}  # param -> its copy before the step, while a rollback is possible
+        self._backup = WeakTensorKeyDictionary()  # param -> its copy before the step, while a rollback is possible
         for group in self.param_groups[1:]:
             group["lr"] = self.param_groups[0]["lr"]  # one object: a value written later is seen as new
-        self._h_written = self.param_groups[0]["lr"]
+        self._note_h(self.param_groups[0]["lr"])
         self._grad_marks: Optional[list] = None  # the gradients the last step used (stale-gradient check)
         self._constructed = True
 
@@ -256,6 +337,7 @@ class LossGrad(Optimizer):
         first, new = self.param_groups[0], self.param_groups[-1]
         for key in _GLOBAL_OPTIONS:
             if key == "lr" and _scalar_value("lr", new[key]) == _scalar_value("lr", first[key]):
+                new["lr"] = first["lr"]  # the same h as one object
                 continue
             if new[key] != first[key]:
                 raise ValueError(
@@ -268,10 +350,27 @@ class LossGrad(Optimizer):
         legacy = state_dict["state"].pop("resolved", None)  # before resolved_lr: a flag in optimizer.state
         super().load_state_dict(state_dict)
         for group in self.param_groups:
-            if "resolved_lr" not in group:  # a resolved run may grow back up to the h it was saved at
+            if group["resolved_lr"] is None:  # a resolved run may grow back up to the h it was saved at
                 group["resolved_lr"] = _scalar_value("lr", group["lr"]) if legacy else math.inf
-        self._h_written = self.param_groups[0]["lr"]
-        self._grad_marks = None
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()  # defaults, state, param_groups: add the settings kept as attributes
+        state.update(foreach=self.foreach, sync_free=self.sync_free, probe_grad=self.probe_grad,
+                     resolution_dtype=self.resolution_dtype, distributed=self.distributed)
+        return state  # the process group does not travel: a copy uses the default group
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a state dict from an older version lacks newer options
+            for key, value in self.defaults.items():
+                group.setdefault(key, None if key == "resolved_lr" else value)
+            group["lr"] = self.param_groups[0]["lr"]  # one object, so that a later write is seen as new
+        for name, value in (("foreach", _foreach_available()), ("sync_free", None), ("probe_grad", False),
+                            ("resolution_dtype", None), ("distributed", None), ("process_group", None)):
+            self.__dict__.setdefault(name, value)
+        self._last, self._backup, self._grad_marks = None, WeakTensorKeyDictionary(), None
+        self._note_h(self.param_groups[0]["lr"])
+        self._constructed = True
 
     @property
     def last(self) -> dict:
@@ -318,40 +417,46 @@ class LossGrad(Optimizer):
                 "no parameter has a gradient: with step(closure) the closure's loss must depend on the "
                 "parameters; with step(closure, loss=loss) call loss.backward() first")
         options = self.param_groups[0]
+        params = [p for group in groups for p in group[0]]
         sync_free = self.sync_free if self.sync_free is not None else any(d.type != "cpu" for d in devices)
         rollback = options["rollback"]
         h = self._current_h(sync_free, groups[0][0][0].device)
         resolved_lr = options["resolved_lr"]
-        rule = dict(c=options["c"], rollback=rollback,
-                    resolution=loss_resolution(loss.dtype) if options["resolution_guard"] else 0.0,
+        resolution = max(loss_resolution(dtype) for dtype in
+                         {loss.dtype, self.resolution_dtype or loss.dtype} | {p.dtype for p in params})
+        rule = dict(c=options["c"], rollback=rollback, resolution=resolution if options["resolution_guard"] else 0.0,
                     min_lr=options["min_lr"], max_lr=options["max_lr"])
 
-        # F(x), ||G||^2, the clip scale s, and the step x' = x - h s G
+        # F(x), G and ||G||^2, the clip scale s, the direction d (with its slope <G, d>), the step x' = x - h d
         f_x = loss.detach()
         sq_norm, reg_x, directions = _directions(groups, self.foreach, host=not sync_free)
         scale = _clip_scale(sq_norm, options["max_grad_norm"])
-        params = [p for group in groups for p in group[0]]
-        flat_directions = [d for ds in directions for d in ds]
+        gradients = [d for ds in directions for d in ds]
         if not sync_free and rollback is not None and not math.isfinite(sq_norm):
             return self._skip(loss, h, sq_norm, params, rule)  # a non-finite step is never taken
+        if options["direction"] == "sgd":  # d = s G, kept as G with the scale in the step size
+            steps, step_scale, slope = gradients, scale, sq_norm * scale
+        else:
+            finite = torch.isfinite(sq_norm) if sync_free and rollback is not None else None
+            steps = self._update_direction(params, _times(gradients, scale, self.foreach), finite, sync_free)
+            step_scale, slope = 1.0, _inner(gradients, steps, host=not sync_free)
         backup = self._save(params) if rollback is not None else None
         deltas = None
         if sync_free:
-            deltas = _scaled_by_dtype(flat_directions, -h * scale, self.foreach)
+            deltas = _scaled_by_dtype(steps, -h * step_scale, self.foreach)
             _add_(params, deltas, 1.0, self.foreach)
             if backup is not None:
                 deltas = None  # the copy restores x: free the deltas before the probe's forward
         else:
-            _add_(params, flat_directions, -h * scale, self.foreach)
+            _add_(params, steps, -h * step_scale, self.foreach)
 
         try:
             f_xp = self._probe(closure, rng_at_x, devices)
         except BaseException:
-            self._restore_after_error(params, backup, flat_directions, deltas, h * scale if deltas is None else None)
+            self._restore_after_error(params, backup, steps, deltas, h * step_scale if deltas is None else None)
             raise
         reg_xp = _regulariser(groups, self.foreach, host=not sync_free)
         f_x, f_xp = self._all_reduce_mean(f_x, f_xp)
-        slope = sq_norm * scale  # <G, d> for the step direction d = s G
 
         if sync_free:
             resolved_lr = _as_h_tensor(resolved_lr, h)
@@ -369,9 +474,56 @@ class LossGrad(Optimizer):
             h, skipped = new_h, False
         self._set_h(h, resolved_lr)
         self._last = dict(loss=f_x, probe_loss=f_xp, ratio=ratio, sq_grad_norm=sq_norm, clip_scale=scale,
+                          slope=slope, non_descent=~(slope > 0) if sync_free else not slope > 0,
                           undone=undo, skipped=skipped)
         self._grad_marks = _grad_marks(self.param_groups)
         return loss
+
+    def _update_direction(self, params, gradients, finite, sync_free) -> list:
+        """Updates the direction's buffers from the (clipped) gradient, once per step, and returns d.
+
+        ``finite`` (sync-free path with a rollback): a 0-dim bool; where False the buffers are left as they
+        were (a non-finite gradient never enters them), without a host sync."""
+        options = self.param_groups[0]
+        device = params[0].device
+        if finite is not None:
+            gradients = [torch.where(finite, g, 0.0) for g in gradients]
+            gate = lambda on, off: torch.where(finite, torch.tensor(on, dtype=_h_dtype(device), device=device),
+                                               torch.tensor(off, dtype=_h_dtype(device), device=device))
+        else:
+            gate = lambda on, off: on
+        states = [self.state[p] for p in params]
+        if options["direction"] == "momentum":
+            mu = options["momentum"]
+            buffers = [_state_tensor(st, "momentum_buffer", p) for st, p in zip(states, params)]
+            _mul_(buffers, gate(mu, 1.0), self.foreach)  # v <- mu v + G
+            _add_(buffers, gradients, 1.0, self.foreach)
+            if options["nesterov"]:  # d = G + mu v
+                return [g.add(b, alpha=mu) for g, b in zip(gradients, buffers)] if not self.foreach else \
+                    torch._foreach_add(gradients, buffers, alpha=mu)
+            return buffers
+        beta1, beta2 = options["betas"]
+        exp_avg = [_state_tensor(st, "exp_avg", p) for st, p in zip(states, params)]
+        exp_avg_sq = [_state_tensor(st, "exp_avg_sq", p) for st, p in zip(states, params)]
+        _mul_(exp_avg, gate(beta1, 1.0), self.foreach)  # m <- b1 m + (1 - b1) G
+        _add_(exp_avg, _times(gradients, gate(1.0 - beta1, 0.0), self.foreach), 1.0, self.foreach)
+        _mul_(exp_avg_sq, gate(beta2, 1.0), self.foreach)  # v <- b2 v + (1 - b2) G^2 (|G|^2 for complex)
+        squares = [(g * g.conj()).real if g.is_complex() else g * g for g in gradients]
+        _add_(exp_avg_sq, _times(squares, gate(1.0 - beta2, 0.0), self.foreach), 1.0, self.foreach)
+        d = []
+        for st, p, m, v in zip(states, params, exp_avg, exp_avg_sq):  # per tensor: each has its own step count
+            if "step" not in st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=device if sync_free else "cpu")
+            st["step"] = st["step"] + (finite.to(st["step"].dtype) if finite is not None else 1.0)
+            if sync_free:
+                t = st["step"].to(_h_dtype(device))
+                correction1, root_correction2 = 1 - beta1 ** t, (1 - beta2 ** t).sqrt()
+            else:
+                t = float(st["step"])
+                correction1, root_correction2 = 1 - beta1 ** t, math.sqrt(1 - beta2 ** t)
+            denominator = (v.sqrt() / _like(root_correction2, v)).add_(options["eps"])
+            d.append(m.div(denominator).div_(_like(correction1, m)))  # m^ / (sqrt(v^) + eps)
+        return d
 
     # --------------------------------------------------------------- helpers
     def _skip(self, loss, h, sq_norm, params, rule):
@@ -387,19 +539,20 @@ class LossGrad(Optimizer):
         for group in self.param_groups:
             group["lr"] = h
             group["resolved_lr"] = resolved_lr
-        self._h_written = h
+        self._note_h(h)
 
     def _check_no_scheduler(self) -> None:
         if any("initial_lr" in group for group in self.param_groups):
             raise RuntimeError(
                 "an LR scheduler is attached to LossGrad (param_groups have 'initial_lr'): LOSSGRAD sets the "
                 "step size itself each step, and a scheduler writing param_groups[i]['lr'] would fight the rule "
-                "without a word. Remove the scheduler; bound h with min_lr/max_lr, or set "
-                "param_groups[i]['lr'] by hand to restart the rule from a chosen h")
+                "without a word. Remove the scheduler and its mark (for g in opt.param_groups: "
+                "g.pop('initial_lr')); bound h with min_lr/max_lr, or set param_groups[i]['lr'] by hand to "
+                "restart the rule from a chosen h")
 
     def _adopt_external_lr(self) -> None:
         """A value written into param_groups[i]['lr'] since the last step becomes h (with a warning)."""
-        changed = [g["lr"] for g in self.param_groups if g["lr"] is not self._h_written]
+        changed = [g["lr"] for g in self.param_groups if not self._is_h(g["lr"])]
         if not changed:
             return
         values = {_scalar_value("lr", v) for v in changed}
@@ -409,13 +562,24 @@ class LossGrad(Optimizer):
         value = values.pop()
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"param_groups[i]['lr'] was set to {value!r}; h must be a finite number > 0")
+        options = self.param_groups[0]
+        bounded = min(max(value, options["min_lr"]), options["max_lr"])
         warnings.warn(
-            f"param_groups[i]['lr'] was changed outside LossGrad (to {value:.4g}): it is the new step size h and "
-            "the rule adapts from it. A scheduler such as ReduceLROnPlateau therefore only restarts h; "
-            "LOSSGRAD picks the step size itself", stacklevel=3)
+            f"param_groups[i]['lr'] was changed outside LossGrad (to {value:.4g}"
+            + (f", held to [min_lr, max_lr] as {bounded:.4g}" if bounded != value else "")
+            + "): it is the new step size h and the rule adapts from it. A scheduler such as ReduceLROnPlateau "
+            "therefore only restarts h; LOSSGRAD picks the step size itself", stacklevel=3)
+        h = bounded if bounded != value or not isinstance(changed[0], Tensor) else changed[0].detach().clone()
         for group in self.param_groups:
-            group["lr"] = changed[0]
-        self._h_written = changed[0]
+            group["lr"] = h
+        self._note_h(h)
+
+    def _note_h(self, h) -> None:
+        """Remembers the h LossGrad wrote (the object, and a tensor's version), to see writes from outside."""
+        self._h_written, self._h_version = h, h._version if isinstance(h, Tensor) else None
+
+    def _is_h(self, value) -> bool:
+        return value is self._h_written and (not isinstance(value, Tensor) or value._version == self._h_version)
 
     def _gradient_groups(self):
         """[(params, grads, weight_decay)] over the groups, parameters without a gradient left out."""
@@ -440,12 +604,14 @@ class LossGrad(Optimizer):
 
     def _save(self, params: list) -> list:
         """A copy of the parameters before the step, in buffers kept between steps."""
-        buffers = []
-        for p in params:
+        kept, buffers = WeakTensorKeyDictionary(), []
+        for p in params:  # only this step's parameters keep a buffer, and only while they live
             buf = self._backup.get(p)
             if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-                buf = self._backup[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+                buf = torch.empty_like(p, memory_format=torch.preserve_format)
+            kept[p] = buf
             buffers.append(buf)
+        self._backup = kept
         _copy_(buffers, params, self.foreach)
         return buffers
 
@@ -499,7 +665,7 @@ def next_step_size_float(h, slope, f_x, f_xp, resolved_lr=math.inf, *, c, rollba
     else:
         undo = False
     ratio = (diff + lred) / lred if lred > 0 else math.nan
-    unresolved = resolution > 0 and slope > 0 and lred < noise and abs(diff) <= noise
+    unresolved = resolution > 0 and slope > 0 and ((lred < noise and abs(diff) <= noise) or diff == 0)
     if undo:
         new_h = h / c
     elif unresolved:
@@ -536,7 +702,7 @@ def next_step_size_tensor(h, slope, f_x, f_xp, resolved_lr=None, *, c, rollback,
     else:
         undo = torch.zeros_like(positive)
     if resolution > 0:
-        unresolved = (slope > 0) & (lred < noise) & (diff.abs() <= noise)
+        unresolved = (slope > 0) & (((lred < noise) & (diff.abs() <= noise)) | (diff == 0))
     else:
         unresolved = torch.zeros_like(positive)
     by_ratio = torch.where(positive, torch.where(ratio <= 0.5, h * c, h / c), h)
@@ -564,12 +730,18 @@ def _sq_sum(tensors: list, foreach: bool, host: bool = False):
     for accumulate in (None, wide):
         parts = _powsums(tensors, foreach, accumulate)
         if device.type == "cpu":
-            total = math.fsum(p.item() for p in parts)
+            total = _host_sum(parts)
         else:
             total = torch.stack([p.to(device=device, dtype=wide) for p in parts]).sum().item()
         if math.isfinite(total):
             break
     return total
+
+
+def _host_sum(parts: list) -> float:
+    """Sum of 0-dim CPU tensors as a Python float: exactly rounded (fsum) when finite, else inf or NaN."""
+    values = [p.item() for p in parts]
+    return math.fsum(values) if all(math.isfinite(v) for v in values) else sum(values)
 
 
 def _powsums(tensors: list, foreach: bool, dtype: Optional[torch.dtype]) -> list:
@@ -631,6 +803,60 @@ def _scaled_by_dtype(tensors: list, scale: Tensor, foreach: bool) -> list:
         for i, t in zip(index, products):
             out[i] = t
     return out
+
+
+def _times(tensors: list, scale, foreach: bool) -> list:
+    """New tensors t * scale for a Python number or a 0-dim tensor (each in its own dtype's arithmetic)."""
+    if isinstance(scale, Tensor):
+        return _scaled_by_dtype(tensors, scale, foreach)
+    if scale == 1.0:
+        return tensors
+    return torch._foreach_mul(tensors, scale) if foreach else [t * scale for t in tensors]
+
+
+def _mul_(tensors: list, scale, foreach: bool) -> None:
+    """t *= scale in place, for a Python number or a 0-dim tensor."""
+    if isinstance(scale, Tensor):
+        for t in tensors:
+            t.mul_(_like(scale, t))
+    elif foreach:
+        torch._foreach_mul_(tensors, scale)
+    else:
+        for t in tensors:
+            t.mul_(scale)
+
+
+def _like(scale, tensor: Tensor):
+    """A scalar ready to multiply ``tensor``: a Python number as it is, a tensor on its device in a wide dtype."""
+    if not isinstance(scale, Tensor):
+        return scale
+    wide = torch.float64 if tensor.dtype in (torch.float64, torch.complex128) else torch.float32
+    return scale.to(device=tensor.device, dtype=wide)
+
+
+def _inner(a: list, b: list, host: bool):
+    """Re sum_i <a_i, b_i>: a Python float when ``host`` (float64 where float32 overflows), else a 0-dim tensor."""
+    def flat(t, dtype):
+        return (torch.view_as_real(t) if t.is_complex() else t).reshape(-1).to(dtype)
+
+    device = a[0].device
+    wide = _h_dtype(device)
+    if not host:
+        return torch.stack([torch.dot(flat(x, wide), flat(y, wide)) for x, y in zip(a, b)]).sum()
+    for dtype in (None, wide):
+        parts = [torch.dot(flat(x, dtype or (wide if x.dtype == torch.float64 else torch.float32)),
+                           flat(y, dtype or (wide if x.dtype == torch.float64 else torch.float32))) for x, y in zip(a, b)]
+        total = _host_sum(parts) if device.type == "cpu" else torch.stack([p.to(wide) for p in parts]).sum().item()
+        if math.isfinite(total):
+            break
+    return total
+
+
+def _state_tensor(state: dict, key: str, like: Tensor) -> Tensor:
+    """A per-parameter buffer of the direction, zero on its first use."""
+    if key not in state:
+        state[key] = torch.zeros_like(like, memory_format=torch.preserve_format)
+    return state[key]
 
 
 def _add_(params: list, tensors: list, alpha, foreach: bool) -> None:

@@ -28,6 +28,13 @@ FORMS = {  # name: LossGrad options
     "exact (rollback=None, resolution_guard=False)": dict(rollback=None, resolution_guard=False),
     "defaults": dict(),
     "rollback='increase'": dict(rollback="increase"),
+    "momentum 0.9, exact": dict(direction="momentum", rollback=None, resolution_guard=False),
+    "momentum 0.9": dict(direction="momentum"),
+    "momentum 0.9, rollback='increase'": dict(direction="momentum", rollback="increase"),
+    "Nesterov 0.9": dict(direction="momentum", nesterov=True),
+    "Adam, exact": dict(direction="adam", rollback=None, resolution_guard=False),
+    "Adam": dict(direction="adam"),
+    "Adam, rollback='increase'": dict(direction="adam", rollback="increase"),
 }
 H0 = (1e-10, 1e-6, 1e-3, 1e-1, 1.0, 10.0, 1e3)
 
@@ -52,10 +59,16 @@ def insensitivity_run(h0: float, **options) -> tuple[float, float, float]:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--forms", nargs="+", choices=list(FORMS), default=list(FORMS))
+    args = parser.parse_args()
     torch.set_num_threads(1)
     print("| form | " + " | ".join(f"h0 = {h0:g}" for h0 in H0) + " |")
     print("|---|" + "---|" * len(H0))
-    for name, options in FORMS.items():
+    for name in args.forms:
+        options = FORMS[name]
         cells = []
         for h0 in H0:
             h, loss, undone = insensitivity_run(h0, **options)

@@ -53,16 +53,25 @@ def timed(fn, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def measure(name: str, reps: int) -> dict:
+FORMS = {  # LOSSGRAD's direction: (the torch optimizer it is compared with, LossGrad's options)
+    "sgd": (lambda params: torch.optim.SGD(params, lr=1e-12, foreach=True), dict()),
+    "momentum": (lambda params: torch.optim.SGD(params, lr=1e-12, momentum=0.9, foreach=True),
+                 dict(direction="momentum")),
+    "adam": (lambda params: torch.optim.Adam(params, lr=1e-12, foreach=True), dict(direction="adam")),
+}
+
+
+def measure(name: str, reps: int, form: str = "sgd") -> dict:
     build, shape, batch, steps = MODELS[name]
+    make_reference, options = FORMS[form]
     torch.manual_seed(0)
     x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
     model = build()
     closure = lambda: F.cross_entropy(model(x), y)
     # tiny steps keep the weights (and so the work per step) the same throughout
-    sgd = torch.optim.SGD(model.parameters(), lr=1e-12, foreach=True)
-    lossgrad = LossGrad(model.parameters(), lr=1e-12, max_lr=1e-12)
-    exact = LossGrad(model.parameters(), lr=1e-12, max_lr=1e-12, rollback=None, resolution_guard=False)
+    sgd = make_reference(model.parameters())  # the torch optimizer of this form
+    lossgrad = LossGrad(model.parameters(), lr=1e-12, max_lr=1e-12, **options)
+    exact = LossGrad(model.parameters(), lr=1e-12, max_lr=1e-12, rollback=None, resolution_guard=False, **options)
 
     def sgd_step():
         sgd.zero_grad()
@@ -174,6 +183,9 @@ def peak_memory(device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--forms", nargs="+", choices=list(FORMS), default=["sgd"],
+                        help="LOSSGRAD directions, each against its torch optimizer (sgd: SGD; momentum: "
+                             "SGD(momentum=0.9); adam: Adam), all foreach")
     parser.add_argument("--reps", type=int, default=7, help="alternating repetitions (medians are reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--memory", action="store_true", help="measure peak memory instead of time")
@@ -186,15 +198,15 @@ def main() -> None:
         return peak_memory_child(args.memory_child, args.device)
     if args.memory:
         return peak_memory(args.device)
-    print("| model | SGD step (ms) | floor (ms) | LossGrad step (ms) | LossGrad / floor | exact / floor | "
-          "LossGrad internal (ms) | sgd.step() (ms) | internal / sgd.step() |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name in args.models:
-        m = measure(name, args.reps)
+    print("| model | form | torch step (ms) | floor (ms) | LossGrad step (ms) | LossGrad / floor | exact / floor | "
+          "LossGrad internal (ms) | torch .step() (ms) | internal / .step() |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, form in [(name, form) for name in args.models for form in args.forms]:
+        m = measure(name, args.reps, form)
         ms = {k: v * 1e3 for k, v in m.items()}
-        print(f"| {name} | {ms['sgd']:.2f} | {ms['floor']:.2f} | {ms['lossgrad']:.2f} | "
-              f"{m['lossgrad'] / m['floor']:.3f} | {m['exact'] / m['floor']:.3f} | {ms['internal']:.3f} | {ms['sgd.step']:.3f} | "
-              f"{m['internal'] / m['sgd.step']:.2f} |", flush=True)
+        print(f"| {name} | {form} | {ms['sgd']:.2f} | {ms['floor']:.2f} | {ms['lossgrad']:.2f} | "
+              f"{m['lossgrad'] / m['floor']:.3f} | {m['exact'] / m['floor']:.3f} | {ms['internal']:.3f} | "
+              f"{ms['sgd.step']:.3f} | {m['internal'] / m['sgd.step']:.2f} |", flush=True)
     print(f"\n{device_name(torch.device('cpu'))}; torch {torch.__version__}; medians of {args.reps} alternating "
           f"repetitions; {datetime.date.today().isoformat()}.")
 

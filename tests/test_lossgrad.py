@@ -105,7 +105,7 @@ EDGE_VALUES = [  # (h, ||G||^2, F(x), F(x'))
 
 
 @pytest.mark.parametrize("rollback", [None, "nonfinite", "increase"])
-@pytest.mark.parametrize("resolution", [0.0, 64 * 1.19e-7])
+@pytest.mark.parametrize("resolution", [0.0, 8 * 1.19e-7, 64 * 1.19e-7])
 @pytest.mark.parametrize("resolved_lr", [math.inf, 1e-12 * 1.02, 0.5])
 def test_host_and_tensor_rules_decide_alike(rollback, resolution, resolved_lr):
     rule = dict(c=1.05, rollback=rollback, resolution=resolution, min_lr=0.0, max_lr=math.inf)
@@ -430,11 +430,16 @@ def test_step_completes_on_the_meta_device():
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 1))
         x, y = torch.randn(16, 4), torch.randn(16, 1)
-    for options in (dict(), dict(rollback="increase", weight_decay=1e-4), EXACT):
+    for options in (dict(), dict(rollback="increase", weight_decay=1e-4), EXACT, dict(max_grad_norm=1.0),
+                    dict(foreach=False), dict(probe_grad=True), dict(distributed=False)):
         opt = LossGrad(model.parameters(), lr=1e-3, **options)
         for _ in range(2):
             opt.zero_grad()
             opt.step(lambda: F.mse_loss(model(x), y))
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step(lambda: F.mse_loss(model(x), y), loss=loss)
         h = opt.param_groups[0]["lr"]
         assert isinstance(h, torch.Tensor) and h.device.type == "meta" and h.dim() == 0
     with pytest.raises(Exception):
@@ -442,14 +447,14 @@ def test_step_completes_on_the_meta_device():
 
 
 # ----------------------------------------------------------------- DDP gloo
-def _ddp_worker(rank, world, init_file, out_dir):
+def _ddp_worker(rank, world, init_file, out_dir, options=None):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)  # identical initial weights, as DDP expects
     model = DDP(nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)))
-    opt = LossGrad(model.parameters(), lr=1e-2)
+    opt = LossGrad(model.parameters(), lr=1e-2, **(options or {}))
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     hs = []
     for _ in range(20):
@@ -462,10 +467,12 @@ def _ddp_worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
-def test_ddp_ranks_keep_the_same_step_size_and_parameters(tmp_path):
+@pytest.mark.parametrize("direction", ["sgd", "momentum", "adam"])
+def test_ddp_ranks_keep_the_same_step_size_and_parameters(tmp_path, direction):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), dict(direction=direction)), nprocs=2,
+             join=True)
     r0, r1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
     assert len(set(r0["hs"])) > 2
     assert r0["hs"] == r1["hs"]
@@ -586,7 +593,8 @@ def test_last_has_one_type_on_every_path():
             opt = LossGrad(model.parameters(), lr=1e-2, rollback=rollback, **path)
             train(opt, model, x, y, 2)
             last = opt.last
-            assert set(last) == {"loss", "probe_loss", "ratio", "sq_grad_norm", "clip_scale", "undone", "skipped"}
+            assert set(last) == {"loss", "probe_loss", "ratio", "sq_grad_norm", "clip_scale", "slope", "non_descent",
+                                 "undone", "skipped"}
             assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in last.values())
             kinds.append((last["undone"].dtype, last["skipped"].dtype))
     assert set(kinds) == {(torch.bool, torch.bool)}
@@ -614,16 +622,13 @@ def test_sync_free_scales_each_tensor_in_its_own_dtype(foreach):
 
 
 def test_loss_resolution_is_that_of_the_dtype_the_loss_is_resolved_in():
-    from lossgrad import loss_resolution
+    from lossgrad import RESOLUTION_ULPS, loss_resolution
     eps = lambda dtype: torch.finfo(dtype).eps
-    assert loss_resolution(torch.float32) == 64 * eps(torch.float32)  # unchanged for float32
-    assert loss_resolution(torch.float64) == 64 * eps(torch.float64)
+    assert loss_resolution(torch.float32) == RESOLUTION_ULPS * eps(torch.float32)
+    assert loss_resolution(torch.float64) == RESOLUTION_ULPS * eps(torch.float64)
+    assert 1 < RESOLUTION_ULPS <= 8  # a few ulps: 64 hid readable steps (see the Adam range test)
     for dtype in (torch.float16, torch.bfloat16):  # a few of its own ulps, not 64
         assert eps(dtype) < loss_resolution(dtype) <= 2 * eps(dtype)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # a float32 loss under autocast keeps float32's
-        a = torch.randn(8, 4)
-        loss = F.mse_loss(nn.Linear(4, 1)(a), torch.zeros(8, 1))
-    assert loss.dtype == torch.float32
 
 
 def test_a_bfloat16_loss_ends_the_start_up_and_trains():
@@ -1060,3 +1065,380 @@ def test_a_compiled_model_keeps_its_norm_statistics_as_one_forward_leaves_them()
         with pytest.warns(UserWarning, match="global hooks"):  # documented: the probe's hook is process-wide
             opt.step(lambda: F.mse_loss(compiled(x), y))
         _assert_same_buffers(model, twin)
+
+
+# ============================================ momentum and Adam directions (issue 13)
+def reference_direction_rule(params, closure, h, c, steps, direction, momentum=0.9, nesterov=False,
+                             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    """The rule on a direction d, one tensor at a time, with nothing clever in it: x' = x - h d,
+    l = h <G, d>, r = (F(x') - F(x) + l) / l; d from torch.optim.SGD(momentum) / torch.optim.Adam's update.
+    Returns the step size after every step."""
+    buffers = [torch.zeros_like(p) for p in params]
+    exp_avg = [torch.zeros_like(p) for p in params]
+    exp_avg_sq = [torch.zeros_like(p) for p in params]
+    hs = []
+    for t in range(1, steps + 1):
+        for p in params:
+            p.grad = None
+        loss = closure()
+        loss.backward()
+        with torch.no_grad():
+            grads = [p.grad + weight_decay * p for p in params]
+            f_x = loss.item() + weight_decay / 2 * sum((p * p).sum().item() for p in params)
+            if direction == "momentum":
+                buffers = [momentum * b + g for b, g in zip(buffers, grads)]
+                d = [g + momentum * b for g, b in zip(grads, buffers)] if nesterov else buffers
+            else:
+                b1, b2 = betas
+                exp_avg = [b1 * m + (1 - b1) * g for m, g in zip(exp_avg, grads)]
+                exp_avg_sq = [b2 * v + (1 - b2) * g * g for v, g in zip(exp_avg_sq, grads)]
+                d = [(m / (1 - b1 ** t)) / ((v.sqrt() / math.sqrt(1 - b2 ** t)) + eps)
+                     for m, v in zip(exp_avg, exp_avg_sq)]
+            slope = sum((g * e).sum().item() for g, e in zip(grads, d))
+            for p, e in zip(params, d):
+                p.sub_(h * e)
+            f_xp = closure().item() + weight_decay / 2 * sum((p * p).sum().item() for p in params)
+            lred = h * slope
+            if lred > 0:
+                h = h * c if (f_xp - f_x + lred) / lred <= 0.5 else h / c
+        hs.append(h)
+    return hs
+
+
+FORMS = {"momentum": dict(direction="momentum", momentum=0.9),
+         "nesterov": dict(direction="momentum", momentum=0.9, nesterov=True),
+         "adam": dict(direction="adam")}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_directions_reproduce_their_reference_in_float64(form, path, weight_decay):
+    x, y = regression_batch(torch.float64)
+    ref_model = small_mlp(torch.float64)
+    model = copy.deepcopy(ref_model)
+    options = FORMS[form]
+    reference = {k: v for k, v in options.items() if k != "direction"}
+    ref_hs = reference_direction_rule(list(ref_model.parameters()), lambda: F.mse_loss(ref_model(x), y), 1e-3,
+                                      1.05, 40, options["direction"], weight_decay=weight_decay, **reference)
+    opt = LossGrad(model.parameters(), lr=1e-3, weight_decay=weight_decay, **options, **path, **EXACT)
+    hs = train(opt, model, x, y, 40)
+    assert len(set(ref_hs)) > 2
+    assert hs == pytest.approx(ref_hs, rel=1e-12, abs=0)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_at_a_fixed_step_size_the_directions_are_torch_optimizers(form):
+    """Pinned by min_lr = max_lr (up to 1e-15), the momentum and Adam forms step as torch.optim.SGD(momentum)
+    and torch.optim.Adam with lr = h do, L2 weight decay included."""
+    x, y = regression_batch(torch.float64)
+    model, twin = small_mlp(torch.float64), small_mlp(torch.float64)
+    h, wd = 1e-2, 1e-3
+    options = FORMS[form]
+    if options["direction"] == "adam":
+        torch_opt = torch.optim.Adam(twin.parameters(), lr=h, weight_decay=wd)
+    else:
+        torch_opt = torch.optim.SGD(twin.parameters(), lr=h, momentum=0.9, nesterov=options.get("nesterov", False),
+                                    weight_decay=wd)
+    opt = LossGrad(model.parameters(), lr=h, min_lr=h, max_lr=h * (1 + 1e-15), weight_decay=wd, **options)
+    for _ in range(30):
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(model(x), y))
+        torch_opt.zero_grad()
+        F.mse_loss(twin(x), y).backward()
+        torch_opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+def test_momentum_ratio_and_decisions_by_hand_on_a_2d_quadratic():
+    a = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    x = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    f = lambda z: 0.5 * z @ a @ z
+    opt = LossGrad([x], lr=0.1, direction="momentum", momentum=0.5, **EXACT)
+    z, v, h = x.detach().clone(), torch.zeros(2, dtype=torch.float64), 0.1
+    for _ in range(6):
+        g = a @ z  # by hand: v <- 0.5 v + g, d = v, r = (f(z - h d) - f(z) + h <g, d>) / (h <g, d>)
+        v = 0.5 * v + g
+        slope = (g @ v).item()
+        z_new = z - h * v
+        ratio = (f(z_new) - f(z) + h * slope).item() / (h * slope)
+        opt.zero_grad()
+        opt.step(lambda: f(x))
+        assert float(opt.last["ratio"]) == pytest.approx(ratio, rel=1e-12)
+        assert float(opt.last["slope"]) == pytest.approx(slope, rel=1e-12)
+        h = h * 1.05 if ratio <= 0.5 else h / 1.05
+        z = z_new
+        assert float(opt.param_groups[0]["lr"]) == pytest.approx(h, rel=1e-12)
+        torch.testing.assert_close(x.detach(), z, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_a_non_descent_momentum_step_is_taken_with_h_kept_and_counted(sync_free):
+    """f = x^2 from x = 1: a large step overshoots to x < 0, where the momentum still points the old way."""
+    x = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    opt = LossGrad([x], lr=0.9, direction="momentum", momentum=0.9, sync_free=sync_free, **EXACT)
+    opt.step(lambda: (x * x).sum())  # v = 2, x = 1 - 1.8 = -0.8
+    h, before = float(opt.param_groups[0]["lr"]), x.detach().clone()
+    opt.zero_grad()
+    opt.step(lambda: (x * x).sum())  # g = -1.6, v = 0.9 * 2 - 1.6 = 0.2: <g, v> < 0
+    assert bool(opt.last["non_descent"]) and float(opt.last["slope"]) < 0
+    assert float(opt.param_groups[0]["lr"]) == h
+    assert not torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_an_undone_step_keeps_the_gradient_in_the_buffers(form, sync_free):
+    """Documented: an undone step restores x bitwise; its gradient (taken at x, where the weights stay) stays in
+    the direction's buffers."""
+    x, y = regression_batch()
+    model = small_mlp()
+    before = _snapshot(model)
+    opt = LossGrad(model.parameters(), lr=0.1, sync_free=sync_free, **FORMS[form])
+    opt.step(ProbeSaboteur(model, x, y, math.nan))
+    assert bool(opt.last["undone"])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    key = "exp_avg" if FORMS[form]["direction"] == "adam" else "momentum_buffer"
+    for p in model.parameters():
+        scale = 0.1 if key == "exp_avg" else 1.0  # first step: m = (1 - beta1) g, v = g
+        torch.testing.assert_close(opt.state[p][key], scale * p.grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_a_nonfinite_gradient_never_enters_the_buffers(form, sync_free):
+    x, y = regression_batch()
+    model = small_mlp()
+    opt = LossGrad(model.parameters(), lr=1e-2, sync_free=sync_free, **FORMS[form])
+    train(opt, model, x, y, 3)
+    state = copy.deepcopy({i: dict(opt.state[p]) for i, p in enumerate(model.parameters())})
+    params = _snapshot(model)
+    opt.zero_grad()
+    opt.step(lambda: F.mse_loss(model(x), y) * torch.tensor(math.inf) * 0)  # NaN loss and gradient
+    assert bool(opt.last["undone"])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    for i, p in enumerate(model.parameters()):
+        for key, value in state[i].items():
+            assert torch.equal(opt.state[p][key].cpu(), value.cpu()), key
+    train(opt, model, x, y, 3)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_direction_state_round_trip_continues_bit_for_bit(form, sync_free, tmp_path):
+    x, y = regression_batch()
+    model = small_mlp()
+    opt = LossGrad(model.parameters(), lr=1e-3, sync_free=sync_free, **FORMS[form])
+    train(opt, model, x, y, 10)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    hs_straight = train(opt, model, x, y, 10)
+    resumed = small_mlp(seed=7)
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = LossGrad(resumed.parameters(), sync_free=sync_free, **FORMS[form])
+    opt2.load_state_dict(ckpt["opt"])
+    assert train(opt2, resumed, x, y, 10) == hs_straight
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(direction="rmsprop"), "direction must be"), (dict(direction="momentum", momentum=1.0), "momentum must"),
+    (dict(direction="momentum", momentum=-0.1), "momentum must"), (dict(direction="adam", betas=(0.9, 1.0)), "betas"),
+    (dict(direction="adam", betas=(-0.1, 0.9)), "betas"), (dict(direction="adam", betas=0.9), "betas"),
+    (dict(direction="adam", eps=0.0), "eps"), (dict(direction="adam", eps=-1e-8), "eps"),
+    (dict(momentum=0.9), "do not apply|do\\(es\\) not apply"), (dict(direction="momentum", betas=(0.9, 0.99)), "apply"),
+    (dict(direction="adam", nesterov=True), "apply"), (dict(direction="momentum", nesterov="yes"), "nesterov"),
+])
+def test_bad_direction_options_are_refused_with_a_clear_message(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LossGrad(small_mlp().parameters(), **kwargs)
+
+
+def test_directions_complete_on_the_meta_device():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 1))
+        x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for options in FORMS.values():
+        opt = LossGrad(model.parameters(), lr=1e-3, weight_decay=1e-4, **options)
+        for _ in range(2):
+            opt.zero_grad()
+            opt.step(lambda: F.mse_loss(model(x), y))
+        assert opt.param_groups[0]["lr"].device.type == "meta"
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_directions_keep_the_probe_clean(form):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 1))
+    twin = copy.deepcopy(model)
+    x, y = regression_batch()
+    opt = LossGrad(model.parameters(), lr=1e-2, **FORMS[form])
+    for _ in range(2):
+        _one_forward_twin(model, twin, x)
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(model(x), y))
+        _assert_same_buffers(model, twin)
+
+
+@pytest.mark.parametrize("options, h0s", [
+    (dict(direction="momentum"), (1e-10, 1e-6, 1e-3, 1e-1)),
+    (dict(direction="momentum", rollback="increase"), (1e-10, 1e-3, 1.0, 1e3)),
+    (dict(direction="adam", rollback=None, resolution_guard=False), (1e-6, 1e-3)),
+    (dict(direction="adam"), (1e-10, 1e-6, 1e-3)),
+], ids=["momentum", "momentum-increase", "adam-exact", "adam"])
+def test_directions_end_at_the_same_step_size_over_the_stated_ranges(options, h0s):
+    """The README's ranges for the momentum and Adam forms, on the problem of benchmarks/insensitivity.py."""
+    assert _same_end([_insensitivity_run(h0, **options) for h0 in h0s])
+
+
+# ------------------------------------------------- review of the hardening
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def _fixture_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+
+
+@pytest.mark.parametrize("release", ["2026-11-28", "63c971d"])
+def test_state_dicts_saved_by_earlier_releases_load_and_train(release):
+    """Saved by the lossgrad.py of that release (5 steps, two groups, tests/fixtures/)."""
+    saved = torch.load(os.path.join(FIXTURES, f"lossgrad_state_{release}.pt"))
+    model = _fixture_model()
+    model.load_state_dict(saved["model"])
+    opt = LossGrad([{"params": model[0].parameters(), "weight_decay": 1e-3},
+                    {"params": list(model[2].parameters()) + list(model[4].parameters())}])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no spurious "lr changed outside" warning either
+        opt.load_state_dict(saved["optimizer"])
+        assert opt.param_groups[0]["lr"] == saved["h"]
+        assert all(isinstance(k, torch.Tensor) for k in opt.state)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(64, 4, generator=g)
+        train(opt, model, x, torch.sin(x.sum(1, keepdim=True)), 5)
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_deepcopy_and_pickle_give_an_optimizer_that_steps_alike(sync_free):
+    import pickle
+
+    x, y = regression_batch()
+    model = small_mlp()
+    opt = LossGrad(model.parameters(), lr=1e-2, sync_free=sync_free, probe_grad=True, rollback="increase")
+    train(opt, model, x, y, 3)
+    copies = [copy.deepcopy((model, opt)), pickle.loads(pickle.dumps((model, opt)))]
+    expected = train(opt, model, x, y, 5)
+    for model2, opt2 in copies:
+        assert (opt2.sync_free, opt2.probe_grad, opt2.param_groups[0]["rollback"]) == (sync_free, True, "increase")
+        assert train(opt2, model2, x, y, 5) == expected
+        assert all(torch.equal(p, q) for p, q in zip(model2.parameters(), model.parameters()))
+
+
+def test_a_multi_group_state_dict_round_trip_through_torch_save_is_not_an_external_write(tmp_path):
+    import warnings
+
+    x, y = regression_batch()
+    model = small_mlp()
+    opt = LossGrad([{"params": model[0].parameters()}, {"params": model[2].parameters()},
+                    {"params": model[4].parameters()}], lr=1e-2)
+    train(opt, model, x, y, 3)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    opt.load_state_dict(torch.load(tmp_path / "opt.pt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(opt, model, x, y, 2)
+
+
+def test_an_in_place_write_of_a_sync_free_step_size_is_seen():
+    x, y = regression_batch()
+    model = small_mlp()
+    opt = LossGrad(model.parameters(), lr=1e-2, sync_free=True)
+    train(opt, model, x, y, 2)
+    opt.param_groups[0]["lr"].fill_(1e-5)  # as ReduceLROnPlateau writes a tensor step size
+    with pytest.warns(UserWarning, match="changed outside"):
+        train(opt, model, x, y, 1)
+    assert float(opt.param_groups[0]["lr"]) in (pytest.approx(1e-5 * 1.05), pytest.approx(1e-5 / 1.05))
+
+
+def test_a_step_size_written_outside_the_bounds_is_held_to_them_before_stepping():
+    w = torch.zeros(1, requires_grad=True)
+    opt = LossGrad([w], lr=0.1, max_lr=0.5, **EXACT)
+    opt.param_groups[0]["lr"] = 100.0
+    with pytest.warns(UserWarning, match="held to"):
+        opt.step(lambda: ((w - 1) ** 2).sum())
+    assert w.item() == pytest.approx(1.0)  # stepped with h = 0.5 (a step of 100 would give 200)
+
+
+def test_a_removed_scheduler_can_be_cleared_as_the_error_says():
+    x, y = regression_batch()
+    model = small_mlp()
+    opt = LossGrad(model.parameters(), lr=1e-2)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    with pytest.raises(RuntimeError, match=r"g.pop\('initial_lr'\)") as error:
+        opt.step(lambda: F.mse_loss(model(x), y))
+    for g in opt.param_groups:
+        g.pop("initial_lr")
+    train(opt, model, x, y, 2)
+
+
+def test_the_rollback_copy_lives_no_longer_than_its_parameter():
+    import gc
+    import weakref
+
+    big, small = torch.zeros(1000, requires_grad=True), torch.zeros(1, requires_grad=True)
+    opt = LossGrad([small], lr=0.1)
+    opt.add_param_group({"params": [big]})
+    opt.step(lambda: (big ** 2).sum() + ((small - 1) ** 2).sum())
+    del opt.param_groups[1]
+    ref = weakref.ref(big)
+    del big
+    gc.collect()
+    assert ref() is None
+    assert sum(b.numel() for b in opt._backup.values()) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_model_with_a_float32_loss_trains_from_a_small_h(dtype):
+    """Its outputs are rounded to 16 bits before the float32 loss sees them: a small step leaves F exactly
+    unchanged, which must read as unresolved (h grows), not as r = 1 (h shrinks for ever)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 10, generator=g)
+    y = torch.sin(x @ torch.randn(10, 3, generator=g)).sum(1, keepdim=True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)).to(dtype)
+    first = F.mse_loss(model(x.to(dtype)).float(), y).item()
+    opt = LossGrad(model.parameters(), lr=1e-6)
+    for i in range(600):
+        idx = torch.arange(i * 100, (i + 1) * 100) % 1000
+        xb, yb = x[idx].to(dtype), y[idx]
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(model(xb).float(), yb))
+    assert F.mse_loss(model(x.to(dtype)).float(), y).item() < 0.5 * first
+
+
+def test_under_autocast_resolution_dtype_lets_h_start():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 10, generator=g)
+    y = torch.sin(x @ torch.randn(10, 3, generator=g)).sum(1, keepdim=True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    first = F.mse_loss(model(x), y).item()
+    opt = LossGrad(model.parameters(), lr=1e-6, resolution_dtype=torch.bfloat16)
+    for i in range(600):
+        idx = torch.arange(i * 100, (i + 1) * 100) % 1000
+        xb, yb = x[idx], y[idx]
+
+        def closure():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return F.mse_loss(model(xb).float(), yb)
+
+        opt.zero_grad()
+        opt.step(closure)
+    assert F.mse_loss(model(x), y).item() < 0.5 * first
+    with pytest.raises(ValueError, match="resolution_dtype"):
+        LossGrad(model.parameters(), resolution_dtype=torch.int32)
