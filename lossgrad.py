@@ -49,7 +49,11 @@ pointing uphill for this batch) :math:`r` means nothing: the step is taken, :mat
 rollbacks still apply, and ``last['non_descent']`` says so. The buffers are updated once per step from
 :math:`G` (clipped when ``max_grad_norm`` is set), never from the probe. An undone step restores
 :math:`x` and keeps its gradient in the buffers (it was measured at :math:`x`, where the weights are put
-back); a non-finite gradient never enters them.
+back), and so does a step whose probe raised: retrying the batch then counts its gradient twice. With
+a rollback a non-finite gradient never enters the buffers; with ``rollback=None`` it does, and one NaN
+gradient then poisons every later step. A step undone for raising the loss along a non-descent
+direction keeps :math:`h` (the direction, not :math:`h`, was at fault); any other undone step shrinks it.
+Complex parameters get Adam's moments per real and imaginary part, as ``torch.optim.Adam`` does.
 
 Two guards, on by default, change Algorithm 1 only where it fails
 -----------------------------------------------------------------
@@ -346,6 +350,10 @@ class LossGrad(Optimizer):
                     "only weight_decay may differ between groups")
 
     def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict["param_groups"][0].get("direction", "sgd") if state_dict["param_groups"] else "sgd"
+        if saved != self.defaults["direction"]:
+            raise ValueError(f"this state dict was saved by LossGrad(direction={saved!r}) and this optimizer has "
+                             f"direction={self.defaults['direction']!r}: build it with direction={saved!r} to resume")
         state_dict = dict(state_dict, state=dict(state_dict["state"]))
         legacy = state_dict["state"].pop("resolved", None)  # before resolved_lr: a flag in optimizer.state
         super().load_state_dict(state_dict)
@@ -503,12 +511,14 @@ class LossGrad(Optimizer):
                     torch._foreach_add(gradients, buffers, alpha=mu)
             return buffers
         beta1, beta2 = options["betas"]
-        exp_avg = [_state_tensor(st, "exp_avg", p) for st, p in zip(states, params)]
-        exp_avg_sq = [_state_tensor(st, "exp_avg_sq", p) for st, p in zip(states, params)]
+        real = lambda t: torch.view_as_real(t) if t.is_complex() else t  # as torch's Adam: parts separately
+        exp_avg = [real(_state_tensor(st, "exp_avg", p)) for st, p in zip(states, params)]
+        exp_avg_sq = [real(_state_tensor(st, "exp_avg_sq", p)) for st, p in zip(states, params)]
+        gradients = [real(g) for g in gradients]
         _mul_(exp_avg, gate(beta1, 1.0), self.foreach)  # m <- b1 m + (1 - b1) G
         _add_(exp_avg, _times(gradients, gate(1.0 - beta1, 0.0), self.foreach), 1.0, self.foreach)
-        _mul_(exp_avg_sq, gate(beta2, 1.0), self.foreach)  # v <- b2 v + (1 - b2) G^2 (|G|^2 for complex)
-        squares = [(g * g.conj()).real if g.is_complex() else g * g for g in gradients]
+        _mul_(exp_avg_sq, gate(beta2, 1.0), self.foreach)  # v <- b2 v + (1 - b2) G^2
+        squares = [g * g for g in gradients]
         _add_(exp_avg_sq, _times(squares, gate(1.0 - beta2, 0.0), self.foreach), 1.0, self.foreach)
         d = []
         for st, p, m, v in zip(states, params, exp_avg, exp_avg_sq):  # per tensor: each has its own step count
@@ -522,7 +532,8 @@ class LossGrad(Optimizer):
                 t = float(st["step"])
                 correction1, root_correction2 = 1 - beta1 ** t, math.sqrt(1 - beta2 ** t)
             denominator = (v.sqrt() / _like(root_correction2, v)).add_(options["eps"])
-            d.append(m.div(denominator).div_(_like(correction1, m)))  # m^ / (sqrt(v^) + eps)
+            step = m.div(denominator).div_(_like(correction1, m))  # m^ / (sqrt(v^) + eps)
+            d.append(torch.view_as_complex(step) if p.is_complex() else step)
         return d
 
     # --------------------------------------------------------------- helpers
@@ -531,7 +542,7 @@ class LossGrad(Optimizer):
         new_h = min(max(h / rule["c"], rule["min_lr"]), rule["max_lr"])
         self._set_h(new_h, self.param_groups[0]["resolved_lr"])
         self._last = dict(loss=loss.detach(), probe_loss=math.nan, ratio=math.nan, sq_grad_norm=sq_norm,
-                          clip_scale=math.nan, undone=True, skipped=True)
+                          clip_scale=math.nan, slope=math.nan, non_descent=True, undone=True, skipped=True)
         self._grad_marks = _grad_marks(self.param_groups)
         return loss
 
@@ -666,8 +677,8 @@ def next_step_size_float(h, slope, f_x, f_xp, resolved_lr=math.inf, *, c, rollba
         undo = False
     ratio = (diff + lred) / lred if lred > 0 else math.nan
     unresolved = resolution > 0 and slope > 0 and ((lred < noise and abs(diff) <= noise) or diff == 0)
-    if undo:
-        new_h = h / c
+    if undo:  # too long a step; but a finite rise along a non-descent direction is the direction's doing
+        new_h = h / c if lred > 0 or not math.isfinite(f_xp) else h
     elif unresolved:
         new_h = max(h, min(h * c, resolved_lr))  # the probe cannot see this step: climb back, never past
     elif not lred > 0:
@@ -707,7 +718,8 @@ def next_step_size_tensor(h, slope, f_x, f_xp, resolved_lr=None, *, c, rollback,
         unresolved = torch.zeros_like(positive)
     by_ratio = torch.where(positive, torch.where(ratio <= 0.5, h * c, h / c), h)
     climb = torch.maximum(h, torch.minimum(h * c, resolved_lr))
-    new_h = torch.where(undo, h / c, torch.where(unresolved, climb, by_ratio)).clamp(min_lr, max_lr)
+    shrink = torch.where(positive | ~torch.isfinite(f_xp), h / c, h)
+    new_h = torch.where(undo, shrink, torch.where(unresolved, climb, by_ratio)).clamp(min_lr, max_lr)
     resolved_lr = torch.where(positive & ~unresolved & ~undo, new_h, resolved_lr)
     return new_h, undo, ratio, resolved_lr
 
@@ -844,8 +856,8 @@ def _inner(a: list, b: list, host: bool):
     if not host:
         return torch.stack([torch.dot(flat(x, wide), flat(y, wide)) for x, y in zip(a, b)]).sum()
     for dtype in (None, wide):
-        parts = [torch.dot(flat(x, dtype or (wide if x.dtype == torch.float64 else torch.float32)),
-                           flat(y, dtype or (wide if x.dtype == torch.float64 else torch.float32))) for x, y in zip(a, b)]
+        wide_in = lambda t: wide if t.dtype in (torch.float64, torch.complex128) else torch.float32
+        parts = [torch.dot(flat(x, dtype or wide_in(x)), flat(y, dtype or wide_in(x))) for x, y in zip(a, b)]
         total = _host_sum(parts) if device.type == "cpu" else torch.stack([p.to(wide) for p in parts]).sum().item()
         if math.isfinite(total):
             break

@@ -101,6 +101,7 @@ EDGE_VALUES = [  # (h, ||G||^2, F(x), F(x'))
     (0.1, 1.0, 1.0, 0.93), (0.1, 1.0, 1.0, 0.97), (0.1, 1.0, 1.0, 1.2), (0.1, 0.0, 1.0, 1.0),
     (1e-12, 1.0, 1.0, 1.0), (1e-12, 1.0, 1.0, 1.0 + 1e-9), (0.1, 1.0, 1.0, math.nan),
     (0.1, 1.0, 1.0, math.inf), (0.1, math.nan, math.nan, math.nan), (1e-300, 1e-300, 0.5, 0.5),
+    (0.1, -1.0, 1.0, 1.2), (0.1, -1.0, 1.0, math.inf), (0.1, -1.0, 1.0, 0.9),  # non-descent directions
 ]
 
 
@@ -533,6 +534,8 @@ def test_a_nonfinite_gradient_is_never_stepped_into(path):
     assert not math.isfinite(float(opt.last["sq_grad_norm"]))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert bool(opt.last["undone"]) and bool(opt.last["skipped"])
+    assert set(opt.last) == {"loss", "probe_loss", "ratio", "sq_grad_norm", "clip_scale", "slope", "non_descent",
+                             "undone", "skipped"}
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.05 / 1.05)
     first = F.mse_loss(model(x), y).item()
     train(opt, model, x, y, 20)  # keeps training on good batches
@@ -1442,3 +1445,55 @@ def test_under_autocast_resolution_dtype_lets_h_start():
     assert F.mse_loss(model(x), y).item() < 0.5 * first
     with pytest.raises(ValueError, match="resolution_dtype"):
         LossGrad(model.parameters(), resolution_dtype=torch.int32)
+
+
+def test_complex_adam_is_torch_adam_per_real_and_imaginary_part():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(6, dtype=torch.complex128, generator=g)
+    weights = torch.rand(6, dtype=torch.float64, generator=g) + 0.5
+    z = torch.zeros(6, dtype=torch.complex128, requires_grad=True)
+    twin = z.detach().clone().requires_grad_(True)
+    f = lambda v: (weights * (v - target).abs().square()).sum() + v.real.pow(4).sum()
+    opt = LossGrad([z], lr=1e-2, min_lr=1e-2, max_lr=1e-2 * (1 + 1e-15), direction="adam")
+    torch_opt = torch.optim.Adam([twin], lr=1e-2)
+    for _ in range(20):
+        opt.zero_grad()
+        opt.step(lambda: f(z))
+        torch_opt.zero_grad()
+        f(twin).backward()
+        torch_opt.step()
+    torch.testing.assert_close(z.detach(), twin.detach(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_a_rise_along_a_non_descent_direction_undone_by_increase_keeps_h(sync_free):
+    w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    grads = iter([1.0, 1.0, -0.1])
+    opt = LossGrad([w], lr=0.5, direction="momentum", rollback="increase", sync_free=sync_free)
+    for _ in range(2):  # linear losses with slope +1: w moves down, the momentum builds up
+        opt.zero_grad()
+        slope = next(grads)
+        opt.step(lambda: slope * w.sum() + 10.0)
+    h = float(opt.param_groups[0]["lr"])
+    slope = next(grads)
+    opt.zero_grad()
+    opt.step(lambda: slope * w.sum() + 10.0)  # the momentum carries w further down, where this loss rises
+    assert bool(opt.last["non_descent"]) and bool(opt.last["undone"])
+    assert float(opt.param_groups[0]["lr"]) == h
+
+
+@pytest.mark.parametrize("saved, loaded", [("momentum", "sgd"), ("sgd", "adam"), ("adam", "momentum")])
+def test_a_state_dict_of_another_direction_is_refused(saved, loaded):
+    x, y = regression_batch()
+    model = small_mlp()
+    opt = LossGrad(model.parameters(), lr=1e-2, direction=saved)
+    train(opt, model, x, y, 2)
+    with pytest.raises(ValueError, match=f"direction={saved!r}"):
+        LossGrad(model.parameters(), direction=loaded).load_state_dict(opt.state_dict())
+
+
+def test_complex128_slopes_are_summed_in_float64():
+    from lossgrad import _inner, _sq_sum
+
+    a = [torch.randn(50, dtype=torch.complex128, generator=torch.Generator().manual_seed(0)) * 7]
+    assert _inner(a, a, host=True) == pytest.approx(_sq_sum(a, foreach=True, host=True), rel=1e-14, abs=0)
