@@ -172,7 +172,7 @@ def loss_resolution(dtype: torch.dtype) -> float:
     loss of a float32 model is computed from 16-bit activations, which no dtype check can see."""
     if not dtype.is_floating_point:
         dtype = torch.float32
-    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    accumulate = _wide_dtype(dtype)
     return max(RESOLUTION_ULPS * torch.finfo(accumulate).eps, ROUNDING_ULPS * torch.finfo(dtype).eps)
 
 
@@ -441,7 +441,7 @@ class LossGrad(Optimizer):
         scale = _clip_scale(sq_norm, options["max_grad_norm"])
         gradients = [d for ds in directions for d in ds]
         if not sync_free and rollback is not None and not math.isfinite(sq_norm):
-            return self._skip(loss, h, sq_norm, params, rule)  # a non-finite step is never taken
+            return self._skip(loss, h, sq_norm, rule)  # a non-finite step is never taken
         if options["direction"] == "sgd":  # d = s G, kept as G with the scale in the step size
             steps, step_scale, slope = gradients, scale, sq_norm * scale
         else:
@@ -461,7 +461,7 @@ class LossGrad(Optimizer):
         try:
             f_xp = self._probe(closure, rng_at_x, devices)
         except BaseException:
-            self._restore_after_error(params, backup, steps, deltas, h * step_scale if deltas is None else None)
+            self._restore_after_error(params, backup, steps, deltas, h * step_scale)
             raise
         reg_xp = _regulariser(groups, self.foreach, host=not sync_free)
         f_x, f_xp = self._all_reduce_mean(f_x, f_xp)
@@ -506,10 +506,11 @@ class LossGrad(Optimizer):
             buffers = [_state_tensor(st, "momentum_buffer", p) for st, p in zip(states, params)]
             _mul_(buffers, gate(mu, 1.0), self.foreach)  # v <- mu v + G
             _add_(buffers, gradients, 1.0, self.foreach)
-            if options["nesterov"]:  # d = G + mu v
-                return [g.add(b, alpha=mu) for g, b in zip(gradients, buffers)] if not self.foreach else \
-                    torch._foreach_add(gradients, buffers, alpha=mu)
-            return buffers
+            if not options["nesterov"]:
+                return buffers
+            if self.foreach:  # d = G + mu v
+                return torch._foreach_add(gradients, buffers, alpha=mu)
+            return [g.add(b, alpha=mu) for g, b in zip(gradients, buffers)]
         beta1, beta2 = options["betas"]
         real = lambda t: torch.view_as_real(t) if t.is_complex() else t  # as torch's Adam: parts separately
         exp_avg = [real(_state_tensor(st, "exp_avg", p)) for st, p in zip(states, params)]
@@ -537,7 +538,7 @@ class LossGrad(Optimizer):
         return d
 
     # --------------------------------------------------------------- helpers
-    def _skip(self, loss, h, sq_norm, params, rule):
+    def _skip(self, loss, h, sq_norm, rule):
         """The step is not taken (its gradient is not finite): h shrinks as for a non-finite probe."""
         new_h = min(max(h / rule["c"], rule["min_lr"]), rule["max_lr"])
         self._set_h(new_h, self.param_groups[0]["resolved_lr"])
@@ -627,6 +628,7 @@ class LossGrad(Optimizer):
         return buffers
 
     def _restore_after_error(self, params, backup, directions, deltas, step) -> None:
+        """x back from the copy, else by subtracting the step (the deltas on the sync-free path)."""
         if backup is not None:
             _copy_(params, backup, self.foreach)
         elif deltas is not None:
@@ -759,7 +761,7 @@ def _host_sum(parts: list) -> float:
 def _powsums(tensors: list, foreach: bool, dtype: Optional[torch.dtype]) -> list:
     """||t||^2 of each tensor, accumulated in ``dtype`` (None: float32, or float64 for 64-bit tensors)."""
     def accumulate(t):
-        return dtype or (torch.float64 if t.dtype in (torch.float64, torch.complex128) else torch.float32)
+        return dtype or _wide_dtype(t.dtype)
 
     parts = []
     for acc in {accumulate(t) for t in tensors}:
@@ -809,8 +811,7 @@ def _scaled_by_dtype(tensors: list, scale: Tensor, foreach: bool) -> list:
     for dtype in {t.dtype for t in tensors}:
         index = [i for i, t in enumerate(tensors) if t.dtype == dtype]
         bucket = [tensors[i] for i in index]
-        wide = torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
-        s = scale.to(device=bucket[0].device, dtype=wide)
+        s = _like(scale, bucket[0])
         products = torch._foreach_mul(bucket, s) if foreach else [t * s for t in bucket]
         for i, t in zip(index, products):
             out[i] = t
@@ -842,8 +843,12 @@ def _like(scale, tensor: Tensor):
     """A scalar ready to multiply ``tensor``: a Python number as it is, a tensor on its device in a wide dtype."""
     if not isinstance(scale, Tensor):
         return scale
-    wide = torch.float64 if tensor.dtype in (torch.float64, torch.complex128) else torch.float32
-    return scale.to(device=tensor.device, dtype=wide)
+    return scale.to(device=tensor.device, dtype=_wide_dtype(tensor.dtype))
+
+
+def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which sums and scalars for tensors of ``dtype`` are made: float64 for 64-bit ones, else float32."""
+    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
 
 
 def _inner(a: list, b: list, host: bool):
@@ -856,8 +861,8 @@ def _inner(a: list, b: list, host: bool):
     if not host:
         return torch.stack([torch.dot(flat(x, wide), flat(y, wide)) for x, y in zip(a, b)]).sum()
     for dtype in (None, wide):
-        wide_in = lambda t: wide if t.dtype in (torch.float64, torch.complex128) else torch.float32
-        parts = [torch.dot(flat(x, dtype or wide_in(x)), flat(y, dtype or wide_in(x))) for x, y in zip(a, b)]
+        parts = [torch.dot(flat(x, dtype or _wide_dtype(x.dtype)), flat(y, dtype or _wide_dtype(x.dtype)))
+                 for x, y in zip(a, b)]
         total = _host_sum(parts) if device.type == "cpu" else torch.stack([p.to(wide) for p in parts]).sum().item()
         if math.isfinite(total):
             break
