@@ -581,10 +581,9 @@ class LossGrad(Optimizer):
             + (f", held to [min_lr, max_lr] as {bounded:.4g}" if bounded != value else "")
             + "): it is the new step size h and the rule adapts from it. A scheduler such as ReduceLROnPlateau "
             "therefore only restarts h; LOSSGRAD picks the step size itself", stacklevel=3)
-        h = bounded if bounded != value or not isinstance(changed[0], Tensor) else changed[0].detach().clone()
-        for group in self.param_groups:
-            group["lr"] = h
-        self._note_h(h)
+        for group in self.param_groups:  # a float: the sync-free path turns it into its tensor at the step
+            group["lr"] = bounded
+        self._note_h(bounded)
 
     def _note_h(self, h) -> None:
         """Remembers the h LossGrad wrote (the object, and a tensor's version), to see writes from outside."""
