@@ -410,6 +410,17 @@ class Experiment:
         result.update(label=label, optimizer=optimizer, options=options, seed=seed)
         return result
 
+    def run_all(self, methods, seeds) -> list:
+        """Every ``(label, optimizer, options)`` of ``methods`` with every seed of ``seeds``: the results in
+        that order (methods outer, seeds inner), each loaded when stored, else trained.
+
+        Where the runs train is execution, not part of any run's identity: in this process one after
+        another (``jobs=1``), in ``jobs`` worker processes, or as cluster jobs (see :mod:`companion.runner`)."""
+        from .runner import run_all
+
+        return run_all(self, [(label, optimizer, seed, dict(options))
+                              for label, optimizer, options in methods for seed in seeds])
+
     def _data_digest(self, field: str) -> str:
         cache = self.__dict__.setdefault("_digests", {})
         if field not in cache:  # hashing the data once per experiment
