@@ -16,14 +16,20 @@ current batch :math:`B`, with gradient :math:`G = \nabla F(x)` and step size :ma
     x'   &= x - h\,G                                   && \text{the SGD step, kept}\\
     \ell &= h\,\lVert G\rVert^2                        && \text{decrease predicted by the linearisation}\\
     r    &= \bigl(F(x') - F(x) + \ell\bigr) / \ell     && 0 \text{ on a straight line}\\
-    h    &\leftarrow \begin{cases} c\,h & r \le \tfrac12\\ h / c & \text{otherwise}\end{cases}
+    h    &\leftarrow \begin{cases} c\,h & r \le \tau\\ h / c & \text{otherwise}\end{cases}
     \end{aligned}
 
-Why :math:`\tfrac12`: the parabola :math:`q` with :math:`q(0)=F(x)`,
-:math:`q'(0)=-\lVert G\rVert^2`, :math:`q(h)=F(x')` has :math:`q'(h) < 0` exactly when
-:math:`r < \tfrac12`, so the minimum along :math:`-G` lies beyond :math:`h`.
+with :math:`\tau = \tfrac12` in the paper (``threshold``, default 0.5). Why :math:`\tfrac12`: the parabola
+:math:`q` with :math:`q(0)=F(x)`, :math:`q'(0)=-\lVert G\rVert^2`, :math:`q(h)=F(x')` has :math:`q'(h) < 0`
+exactly when :math:`r < \tfrac12`, so the minimum of the fitted parabola along :math:`-G` lies beyond :math:`h`.
+On a parabola of curvature :math:`\kappa` along :math:`G`, :math:`F(x - tG) = F(x) - t\lVert G\rVert^2 +
+\tfrac12\kappa t^2\lVert G\rVert^2`, the ratio is :math:`r = \tfrac12\kappa h`, so :math:`r \le \tau` grows
+:math:`h` up to :math:`2\tau/\kappa`, where the measured decrease is :math:`1 - \tau` of the predicted one:
+:math:`\tau = \tfrac12` targets the minimiser :math:`1/\kappa`; a larger :math:`\tau` (any value in
+:math:`(0, 1)` is allowed) accepts steps past the batch parabola's minimum, up to twice it as :math:`\tau \to 1`,
+where the parabola has come back up to :math:`F(x)`.
 The cost is one extra forward pass (:math:`F(x')` on the same batch) and one extra read of
-the gradients (for :math:`\lVert G\rVert^2`). A NaN ratio (a NaN probe) fails ``r <= 1/2`` and
+the gradients (for :math:`\lVert G\rVert^2`). A NaN ratio (a NaN probe) fails ``r <= threshold`` and
 shrinks :math:`h`; the paper's pseudocode is lost, and the authors' code grows :math:`h` there
 (it tests ``r > 1/2``): both are readings of Algorithm 1, this one is ours.
 
@@ -37,7 +43,8 @@ Momentum and Adam directions (the authors' future work; ours)
 The rule applies to any direction :math:`d` built from the gradients: :math:`x' = x - h\,d`, the
 predicted decrease is :math:`\ell = h\,\langle G, d\rangle`, and :math:`r` and the update of
 :math:`h` are as above (the parabola through :math:`F(x)`, slope :math:`-\langle G, d\rangle` and
-:math:`F(x')` has its minimum beyond :math:`h` exactly when :math:`r < \tfrac12`).
+:math:`F(x')` has its minimum beyond :math:`h` exactly when :math:`r < \tfrac12`; ``threshold`` applies
+to every direction).
 ``direction='sgd'`` is :math:`d = G` (the paper's form, the default). ``direction='momentum'`` is
 heavy ball, :math:`v \leftarrow \mu v + G`, :math:`d = v` (``nesterov=True``: :math:`d = G + \mu v`),
 as ``torch.optim.SGD(momentum=mu, nesterov=...)`` with ``lr`` = :math:`h`. ``direction='adam'`` is
@@ -124,8 +131,8 @@ _BACKWARD_IN_CLOSURE = (
     "second backward doubles the gradient or fails). Remove loss.backward() from the closure, or call "
     "backward yourself and pass the loss: opt.step(closure, loss=loss)")
 # Options that are one value for the whole optimizer; groups may differ only in weight_decay.
-_GLOBAL_OPTIONS = ("lr", "c", "direction", "momentum", "nesterov", "betas", "eps", "rollback", "resolution_guard",
-                   "max_grad_norm", "min_lr", "max_lr")
+_GLOBAL_OPTIONS = ("lr", "c", "threshold", "direction", "momentum", "nesterov", "betas", "eps", "rollback",
+                   "resolution_guard", "max_grad_norm", "min_lr", "max_lr")
 _DIRECTIONS = ("sgd", "momentum", "adam")
 
 
@@ -161,6 +168,12 @@ def _direction_options(direction, momentum, nesterov, betas, eps):
     return None, False, None, None
 
 
+def _check_threshold(threshold) -> None:
+    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 < threshold < 1):
+        raise ValueError(f"threshold must be a finite number strictly between 0 and 1 (h grows when the ratio r <= "
+                         f"threshold), got {threshold!r}; 0.5 is the paper's rule (the fitted parabola's minimum)")
+
+
 def loss_resolution(dtype: torch.dtype) -> float:
     r"""Relative resolution :math:`\rho` of a loss of this dtype: changes below :math:`\rho|F|` are noise.
 
@@ -190,6 +203,12 @@ class LossGrad(Optimizer):
             steps. 1e-4 is the value of the authors' example code (the paper's text lost it).
         c: factor by which :math:`h` grows or shrinks each step (> 1). 1.05 is the best row of the
             paper's c sweep; 1.001 adapts too slowly, 1.2 is unstable there.
+        threshold: :math:`\tau`, the ratio up to which :math:`h` grows (:math:`r \le \tau`), a number in
+            :math:`(0, 1)`; default 0.5, the paper's rule, which targets the minimum of the parabola fitted
+            along the step. A larger :math:`\tau` targets longer steps, :math:`2\tau` times that minimiser
+            (see the module docstring). At 1 or above, a step that does not lower the loss at all would
+            grow :math:`h`. Saved with the param groups; a state dict or pickle from before this option
+            loads with 0.5, the rule it was saved under.
         direction: ``'sgd'`` (default; the paper's algorithm), ``'momentum'`` or ``'adam'`` (see the
             module docstring).
         momentum, nesterov: for ``direction='momentum'`` only: :math:`\mu \in [0, 1)` (default 0.9)
@@ -270,6 +289,7 @@ class LossGrad(Optimizer):
         lr: float | Tensor = 1e-4,
         c: float = 1.05,
         *,
+        threshold: float = 0.5,
         direction: str = "sgd",
         momentum: Optional[float] = None,
         nesterov: bool = False,
@@ -295,6 +315,7 @@ class LossGrad(Optimizer):
         if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 1):
             raise ValueError(f"c must be a finite number > 1 (h is multiplied or divided by it each step), got {c!r}; "
                              "1.05 is the best value of the paper's c sweep")
+        _check_threshold(threshold)
         if rollback not in _ROLLBACKS:
             raise ValueError(f"rollback must be one of {_ROLLBACKS}, got {rollback!r}")
         if not (0 <= min_lr < max_lr):
@@ -310,8 +331,8 @@ class LossGrad(Optimizer):
         if distributed not in (None, True, False):
             raise ValueError(f"distributed must be None (auto), True or False, got {distributed!r}")
         momentum, nesterov, betas, eps = _direction_options(direction, momentum, nesterov, betas, eps)
-        defaults = dict(lr=lr, c=float(c), direction=direction, momentum=momentum, nesterov=nesterov, betas=betas,
-                        eps=eps, weight_decay=weight_decay, rollback=rollback,
+        defaults = dict(lr=lr, c=float(c), threshold=float(threshold), direction=direction, momentum=momentum,
+                        nesterov=nesterov, betas=betas, eps=eps, weight_decay=weight_decay, rollback=rollback,
                         resolution_guard=bool(resolution_guard), max_grad_norm=max_grad_norm,
                         min_lr=float(min_lr), max_lr=float(max_lr), resolved_lr=math.inf)
         super().__init__(params, defaults)
@@ -337,6 +358,7 @@ class LossGrad(Optimizer):
         wd = param_group.get("weight_decay", self.defaults["weight_decay"])
         if not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
+        _check_threshold(param_group.get("threshold", self.defaults["threshold"]))
         super().add_param_group(param_group)
         first, new = self.param_groups[0], self.param_groups[-1]
         for key in _GLOBAL_OPTIONS:
@@ -369,7 +391,9 @@ class LossGrad(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.defaults.setdefault("threshold", 0.5)  # pickled before the option existed: the rule was r <= 1/2
         for group in self.param_groups:  # a state dict from an older version lacks newer options
+            group.setdefault("threshold", 0.5)  # saved under the rule r <= 1/2, whatever this optimizer's default
             for key, value in self.defaults.items():
                 group.setdefault(key, None if key == "resolved_lr" else value)
             group["lr"] = self.param_groups[0]["lr"]  # one object, so that a later write is seen as new
@@ -432,8 +456,9 @@ class LossGrad(Optimizer):
         resolved_lr = options["resolved_lr"]
         resolution = max(loss_resolution(dtype) for dtype in
                          {loss.dtype, self.resolution_dtype or loss.dtype} | {p.dtype for p in params})
-        rule = dict(c=options["c"], rollback=rollback, resolution=resolution if options["resolution_guard"] else 0.0,
-                    min_lr=options["min_lr"], max_lr=options["max_lr"])
+        rule = dict(c=options["c"], threshold=options["threshold"], rollback=rollback,
+                    resolution=resolution if options["resolution_guard"] else 0.0, min_lr=options["min_lr"],
+                    max_lr=options["max_lr"])
 
         # F(x), G and ||G||^2, the clip scale s, the direction d (with its slope <G, d>), the step x' = x - h d
         f_x = loss.detach()
@@ -662,8 +687,9 @@ class LossGrad(Optimizer):
 
 
 # ------------------------------------------------------------------- the rule
-def next_step_size_float(h, slope, f_x, f_xp, resolved_lr=math.inf, *, c, rollback, resolution, min_lr, max_lr):
-    """One decision of the rule on host numbers; ``slope`` is <G, d> (||G||^2 unclipped).
+def next_step_size_float(h, slope, f_x, f_xp, resolved_lr=math.inf, *, c, threshold=0.5, rollback, resolution, min_lr,
+                         max_lr):
+    """One decision of the rule on host numbers; ``slope`` is <G, d> (||G||^2 unclipped); h grows if ratio <= threshold.
 
     Returns (new h, undo the step?, ratio, resolved_lr: the h chosen after the last resolved step kept)."""
     lred = h * slope
@@ -685,14 +711,15 @@ def next_step_size_float(h, slope, f_x, f_xp, resolved_lr=math.inf, *, c, rollba
     elif not lred > 0:
         new_h = h  # zero gradient: nothing to learn from
     else:
-        new_h = h * c if ratio <= 0.5 else h / c
+        new_h = h * c if ratio <= threshold else h / c
     new_h = min(max(new_h, min_lr), max_lr)
     if lred > 0 and not unresolved and not undo:
         resolved_lr = new_h
     return new_h, undo, ratio, resolved_lr
 
 
-def next_step_size_tensor(h, slope, f_x, f_xp, resolved_lr=None, *, c, rollback, resolution, min_lr, max_lr):
+def next_step_size_tensor(h, slope, f_x, f_xp, resolved_lr=None, *, c, threshold=0.5, rollback, resolution, min_lr,
+                          max_lr):
     """The same decision as :func:`next_step_size_float` with tensor ops only (no host sync).
 
     Returns (new h, undo mask, ratio, resolved_lr)."""
@@ -717,7 +744,7 @@ def next_step_size_tensor(h, slope, f_x, f_xp, resolved_lr=None, *, c, rollback,
         unresolved = (slope > 0) & (((lred < noise) & (diff.abs() <= noise)) | (diff == 0))
     else:
         unresolved = torch.zeros_like(positive)
-    by_ratio = torch.where(positive, torch.where(ratio <= 0.5, h * c, h / c), h)
+    by_ratio = torch.where(positive, torch.where(ratio <= threshold, h * c, h / c), h)
     climb = torch.maximum(h, torch.minimum(h * c, resolved_lr))
     shrink = torch.where(positive | ~torch.isfinite(f_xp), h / c, h)
     new_h = torch.where(undo, shrink, torch.where(unresolved, climb, by_ratio)).clamp(min_lr, max_lr)

@@ -3,6 +3,7 @@
 import copy
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -16,11 +17,12 @@ EXACT = dict(rollback=None, resolution_guard=False)  # Algorithm 1 as published
 
 
 # ----------------------------------------------------------- a plain reference
-def reference_algorithm_1(params, closure, h, c, steps, weight_decay=0.0, max_norm=None):
+def reference_algorithm_1(params, closure, h, c, steps, weight_decay=0.0, max_norm=None, threshold=0.5):
     """Algorithm 1 of the paper, one tensor at a time, with nothing clever in it.
 
     Objective F = closure() + wd/2 ||x||^2. With ``max_norm`` the step is clipped to that norm and the
-    prediction made along the clipped step. Returns the step size after every step."""
+    prediction made along the clipped step. h grows when the ratio is <= ``threshold`` (the paper: 1/2).
+    Returns the step size after every step."""
     hs = []
     for _ in range(steps):
         for p in params:
@@ -37,7 +39,7 @@ def reference_algorithm_1(params, closure, h, c, steps, weight_decay=0.0, max_no
                 p.sub_(h * s * d)
             f_xp = closure().item() + weight_decay / 2 * sum((p * p).sum().item() for p in params)
             ratio = (f_xp - f_x + lred) / lred
-            h = h * c if ratio <= 0.5 else h / c
+            h = h * c if ratio <= threshold else h / c
         hs.append(h)
     return hs
 
@@ -111,8 +113,9 @@ EDGE_VALUES = [  # (h, ||G||^2, F(x), F(x'))
 @pytest.mark.parametrize("rollback", [None, "nonfinite", "increase"])
 @pytest.mark.parametrize("resolution", [0.0, 8 * 1.19e-7, 64 * 1.19e-7])
 @pytest.mark.parametrize("resolved_lr", [math.inf, 1e-12 * 1.02, 0.5])
-def test_host_and_tensor_rules_decide_alike(rollback, resolution, resolved_lr):
-    rule = dict(c=1.05, rollback=rollback, resolution=resolution, min_lr=0.0, max_lr=math.inf)
+@pytest.mark.parametrize("threshold", [0.5, 0.75])
+def test_host_and_tensor_rules_decide_alike(rollback, resolution, resolved_lr, threshold):
+    rule = dict(c=1.05, threshold=threshold, rollback=rollback, resolution=resolution, min_lr=0.0, max_lr=math.inf)
     for h, sq, fx, fxp in EDGE_VALUES:
         h_float, undo_float, _, resolved_float = next_step_size_float(h, sq, fx, fxp, resolved_lr, **rule)
         as_t = lambda v: torch.tensor(v, dtype=torch.float64)
@@ -1046,10 +1049,10 @@ def test_a_compiled_model_keeps_its_norm_statistics_as_one_forward_leaves_them()
 
 # ============================================ momentum and Adam directions (issue 13)
 def reference_direction_rule(params, closure, h, c, steps, direction, momentum=0.9, nesterov=False,
-                             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+                             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, threshold=0.5):
     """The rule on a direction d, one tensor at a time, with nothing clever in it: x' = x - h d,
-    l = h <G, d>, r = (F(x') - F(x) + l) / l; d from torch.optim.SGD(momentum) / torch.optim.Adam's update.
-    Returns the step size after every step."""
+    l = h <G, d>, r = (F(x') - F(x) + l) / l, h grows when r <= ``threshold``; d from torch.optim.SGD(momentum) /
+    torch.optim.Adam's update. Returns the step size after every step."""
     buffers = [torch.zeros_like(p) for p in params]
     exp_avg = [torch.zeros_like(p) for p in params]
     exp_avg_sq = [torch.zeros_like(p) for p in params]
@@ -1077,7 +1080,7 @@ def reference_direction_rule(params, closure, h, c, steps, direction, momentum=0
             f_xp = closure().item() + weight_decay / 2 * sum((p * p).sum().item() for p in params)
             lred = h * slope
             if lred > 0:
-                h = h * c if (f_xp - f_x + lred) / lred <= 0.5 else h / c
+                h = h * c if (f_xp - f_x + lred) / lred <= threshold else h / c
         hs.append(h)
     return hs
 
@@ -1471,3 +1474,188 @@ def test_complex128_slopes_are_summed_in_float64():
 
     a = [torch.randn(50, dtype=torch.complex128, generator=torch.Generator().manual_seed(0)) * 7]
     assert _inner(a, a, host=True) == pytest.approx(_sq_sum(a, foreach=True, host=True), rel=1e-14, abs=0)
+
+
+# ================================================== the threshold of the ratio (r <= threshold)
+THRESHOLD_FORMS = {"sgd": {}, **FORMS}
+# initial h at which each form's 40 steps stay finite, both grow and shrink h, and decide differently at
+# thresholds 0.5, 0.75 and 0.9 (no ratio lies within 1e-4 of these: rounding cannot flip a decision)
+THRESHOLD_H0 = {"sgd": 0.1, "momentum": 0.1, "nesterov": 0.035, "adam": 0.05}
+
+
+def _reference_hs(form, model, x, y, h0, steps, threshold):
+    params, closure = list(model.parameters()), lambda: F.mse_loss(model(x), y)
+    options = THRESHOLD_FORMS[form]
+    if not options:
+        return reference_algorithm_1(params, closure, h=h0, c=1.05, steps=steps, threshold=threshold)
+    reference = {k: v for k, v in options.items() if k != "direction"}
+    return reference_direction_rule(params, closure, h0, 1.05, steps, options["direction"], threshold=threshold,
+                                    **reference)
+
+
+@pytest.mark.parametrize("form", list(THRESHOLD_FORMS))
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_default_threshold_is_the_papers_rule_bit_for_bit(form, path):
+    """threshold left out and threshold=0.5 step alike to the bit, and take the plain reference's decisions
+    (r <= 1/2): the same h after every step, exactly, and the same parameters up to rounding."""
+    x, y = regression_batch(torch.float64)
+    h0 = THRESHOLD_H0[form]
+    ref_model = small_mlp(torch.float64)
+    ref_hs = _reference_hs(form, ref_model, x, y, h0, 40, threshold=0.5)
+    runs = []
+    for kwargs in ({}, dict(threshold=0.5)):
+        model = small_mlp(torch.float64)
+        opt = LossGrad(model.parameters(), lr=h0, c=1.05, **THRESHOLD_FORMS[form], **path, **EXACT, **kwargs)
+        assert opt.param_groups[0]["threshold"] == 0.5
+        runs.append((train(opt, model, x, y, 40), _snapshot(model)))
+    (hs_default, params_default), (hs_half, params_half) = runs
+    steps = list(zip([h0] + ref_hs, ref_hs))
+    assert any(b > a for a, b in steps) and any(b < a for a, b in steps), "the run should grow and shrink h"
+    assert hs_default == hs_half == ref_hs
+    assert all(torch.equal(p, q) for p, q in zip(params_default, params_half))
+    for p, q in zip(params_default, ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)  # rounding, grown by steps that overshoot
+
+
+@pytest.mark.parametrize("form", list(THRESHOLD_FORMS))
+@pytest.mark.parametrize("path", [PATHS[0], PATHS[1]], ids=PATH_IDS[:2])
+@pytest.mark.parametrize("threshold", [0.75, 0.9])
+def test_a_threshold_follows_the_reference_rule(form, path, threshold):
+    x, y = regression_batch(torch.float64)
+    h0 = THRESHOLD_H0[form]
+    ref_model = small_mlp(torch.float64)
+    ref_hs = _reference_hs(form, ref_model, x, y, h0, 40, threshold=threshold)
+    assert ref_hs != _reference_hs(form, small_mlp(torch.float64), x, y, h0, 40, threshold=0.5)
+    model = small_mlp(torch.float64)
+    opt = LossGrad(model.parameters(), lr=h0, c=1.05, threshold=threshold, **THRESHOLD_FORMS[form], **path, **EXACT)
+    assert train(opt, model, x, y, 40) == ref_hs
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+
+
+# f(x) = x^2 (a = 2 in f = a x^2 / 2) from x = 1: G = 2, and the first direction is d = k G. Momentum's buffer
+# starts at zero (d = G); Nesterov's d = G + mu v = (1 + mu) G; Adam's first d = G / (|G| + eps) (bias-corrected
+# m = G, sqrt(v) = |G|), G / 4 exactly with eps = 2.
+BOUNDARY_FORMS = {"sgd": (dict(), 1.0), "momentum": (dict(direction="momentum", momentum=0.9), 1.0),
+                  "nesterov": (dict(direction="momentum", momentum=0.5, nesterov=True), 1.5),
+                  "adam": (dict(direction="adam", eps=2.0), 0.25)}
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.75, 0.9])
+@pytest.mark.parametrize("form", list(BOUNDARY_FORMS))
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_threshold_moves_the_decision_to_its_boundary_on_a_hand_checked_quadratic(threshold, form, path):
+    """By hand, for f = a x^2 / 2 and d = k G: F(x - h d) - F(x) + h <G, d> = a h^2 k^2 G^2 / 2 and
+    h <G, d> = h k G^2, so r = a k h / 2 (= k h here). r just below the threshold grows h by c, just above
+    shrinks it, and r equal to it grows (the rule is r <= threshold), wherever h = threshold / k is exact."""
+    from fractions import Fraction
+
+    options, k = BOUNDARY_FORMS[form]
+    c = 1.25
+
+    def one_step(h):
+        x = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+        opt = LossGrad([x], lr=h, c=c, threshold=threshold, **options, **path)
+        opt.step(lambda: (x * x).sum())
+        assert not bool(opt.last["undone"])
+        return float(opt.last["ratio"]), float(opt.param_groups[0]["lr"])
+
+    boundary = threshold / k
+    for h, grows in ((boundary * (1 - 2 ** -20), True), (boundary * (1 + 2 ** -20), False)):
+        ratio, new_h = one_step(h)
+        assert ratio == pytest.approx(k * h, rel=1e-14)
+        assert (ratio < threshold) == grows
+        assert new_h == (h * c if grows else h / c)
+    if threshold in (0.5, 0.75) and Fraction(boundary) * Fraction(k) == Fraction(threshold):  # every sum is exact
+        ratio, new_h = one_step(boundary)
+        assert ratio == threshold
+        assert new_h == boundary * c
+
+
+@pytest.mark.parametrize("value", [0, 0.0, 1, 1.0, -0.5, 1.5, math.nan, math.inf, -math.inf, True, None, "0.5"])
+def test_bad_thresholds_are_refused_with_a_clear_message(value):
+    message = r"threshold must be a finite number strictly between 0 and 1 .*got " + re.escape(repr(value))
+    with pytest.raises(ValueError, match=message):
+        LossGrad(small_mlp().parameters(), threshold=value)
+    with pytest.raises(ValueError, match=message):  # nor through a param group
+        LossGrad([{"params": small_mlp().parameters(), "threshold": value}])
+
+
+def test_param_groups_may_not_differ_in_threshold():
+    model = small_mlp()
+    with pytest.raises(ValueError, match="threshold=0.75 but group 0 has 0.5"):
+        LossGrad([{"params": model[0].parameters()}, {"params": model[2].parameters(), "threshold": 0.75}])
+    opt = LossGrad([{"params": model[0].parameters()}, {"params": model[2].parameters()}], threshold=0.75)
+    assert [g["threshold"] for g in opt.param_groups] == [0.75, 0.75]
+    opt.add_param_group({"params": model[4].parameters()})
+    assert opt.param_groups[-1]["threshold"] == 0.75
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_threshold_is_saved_with_the_param_groups_and_resumes_bit_for_bit(sync_free, tmp_path):
+    import pickle
+
+    x, y = regression_batch()
+    model = small_mlp()
+    opt = LossGrad(model.parameters(), lr=1e-3, threshold=0.75, sync_free=sync_free)
+    train(opt, model, x, y, 10)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    copies = [copy.deepcopy((model, opt)), pickle.loads(pickle.dumps((model, opt)))]
+    hs_straight = train(opt, model, x, y, 20)
+
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    assert [g["threshold"] for g in ckpt["opt"]["param_groups"]] == [0.75]
+    resumed = small_mlp(seed=123)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = LossGrad(resumed.parameters(), sync_free=sync_free)  # the default threshold: the saved one wins
+    opt2.load_state_dict(ckpt["opt"])
+    copies.append((resumed, opt2))
+    for model2, opt3 in copies:
+        assert opt3.param_groups[0]["threshold"] == 0.75
+        assert train(opt3, model2, x, y, 20) == hs_straight
+        assert all(torch.equal(p, q) for p, q in zip(model2.parameters(), model.parameters()))
+
+
+@pytest.mark.parametrize("release", ["2026-11-28", "63c971d"])
+def test_state_dicts_from_before_threshold_load_with_the_papers_rule(release):
+    """The fixtures were saved when the rule was r <= 1/2: they load with threshold 0.5, also into an optimizer
+    built with another threshold (as a saved c replaces the given one)."""
+    saved = torch.load(os.path.join(FIXTURES, f"lossgrad_state_{release}.pt"))
+    assert all("threshold" not in g for g in saved["optimizer"]["param_groups"])
+    model = _fixture_model()
+    model.load_state_dict(saved["model"])
+    opt = LossGrad([{"params": model[0].parameters(), "weight_decay": 1e-3},
+                    {"params": list(model[2].parameters()) + list(model[4].parameters())}], threshold=0.75)
+    opt.load_state_dict(saved["optimizer"])
+    assert [g["threshold"] for g in opt.param_groups] == [0.5, 0.5]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 4, generator=g)
+    train(opt, model, x, torch.sin(x.sum(1, keepdim=True)), 3)
+    assert opt.state_dict()["param_groups"][0]["threshold"] == 0.5
+
+
+def test_an_optimizer_pickled_before_threshold_unpickles_with_the_papers_rule(monkeypatch):
+    import pickle
+
+    x, y = regression_batch()
+    model = small_mlp()
+    opt = LossGrad(model.parameters(), lr=1e-2)
+    train(opt, model, x, y, 3)
+    current = LossGrad.__getstate__
+
+    def before_threshold(self):  # what an earlier release pickled: no threshold anywhere
+        state = current(self)
+        state["defaults"] = {k: v for k, v in state["defaults"].items() if k != "threshold"}
+        state["param_groups"] = [{k: v for k, v in g.items() if k != "threshold"} for g in state["param_groups"]]
+        return state
+
+    monkeypatch.setattr(LossGrad, "__getstate__", before_threshold)
+    blob = pickle.dumps((model, opt))
+    monkeypatch.undo()
+    assert b"threshold" not in blob
+    model2, opt2 = pickle.loads(blob)
+    assert opt2.defaults["threshold"] == 0.5 and opt2.param_groups[0]["threshold"] == 0.5
+    expected = train(opt, model, x, y, 5)
+    assert train(opt2, model2, x, y, 5) == expected
+    opt2.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    assert opt2.param_groups[-1]["threshold"] == 0.5
