@@ -6,7 +6,8 @@ set +e  # go on past a failing notebook
 
 usage() {
   cat <<'EOF'
-Usage: ./run_all.sh [--profile smoke|quick|paper] [-p NAME VALUE]... [NOTEBOOK...]
+Usage: ./run_all.sh [--profile smoke|quick|paper] [-p NAME VALUE]... [--jobs N] [--threads N]
+                   [--executor local|slurm] [--slurm KEY=VALUE]... [NOTEBOOK...]
 
 Executes the numbered notebooks in notebooks/ in order with papermill, headless, and ends with a
 table (notebook, status, minutes, outputs). Set-up is automatic: the first run creates .venv,
@@ -23,6 +24,18 @@ NOTEBOOK   a number or name prefix (03, 04_fmnist); default: every notebook.
            change one setting on top of the profile (VALUE is read as YAML: 5, 1e-3, [1, 2]);
            such runs go to runs/custom/, never over real results.
 
+Execution (not part of any run's identity: the same runs, the same numbers):
+--jobs N   train N runs at once in worker processes. Default: one per GPU, 1 on a CPU.
+--threads N
+           torch threads per worker. Default: the free cores shared out (cores // jobs), so
+           that workers never add up to more threads than cores (oversubscribed, a step can be
+           100x slower: benchmarks/threads.py).
+--executor slurm --slurm KEY=VALUE...
+           one SLURM job per run through submitit, e.g. --slurm slurm_partition=gpu
+           --slurm timeout_min=240 --slurm gpus_per_node=1 (any submitit parameter). The
+           run store (LOSSGRAD_RUNS, default runs/) must be on a filesystem the nodes share.
+Progress: one line per run and epoch (latest test metric, runs done, ETA) in the terminal.
+
 Outputs:
   paper   figures and tables in figures/, the executed notebook in place in notebooks/
   quick   figures, tables and executed notebooks in figures/quick/
@@ -33,9 +46,20 @@ Exit status: 0 when every notebook ran, 1 when any failed.
 EOF
 }
 
-profile="" ; overrides=() ; selected=()
+profile="" ; overrides=() ; selected=() ; slurm=()
+positive() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || { echo "error: $1 needs a positive whole number, got '$2'" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
   case "$1" in
+    --jobs) [ $# -ge 2 ] || { echo "error: --jobs needs a number" >&2; exit 2; }
+            positive --jobs "$2"; export LOSSGRAD_JOBS="$2"; shift 2 ;;
+    --threads) [ $# -ge 2 ] || { echo "error: --threads needs a number" >&2; exit 2; }
+               positive --threads "$2"; export LOSSGRAD_THREADS="$2"; shift 2 ;;
+    --executor) [ $# -ge 2 ] || { echo "error: --executor needs local or slurm" >&2; exit 2; }
+                case "$2" in local|slurm) export LOSSGRAD_EXECUTOR="$2" ;;
+                  *) echo "error: --executor must be local or slurm, got '$2'" >&2; exit 2 ;; esac
+                shift 2 ;;
+    --slurm) [ $# -ge 2 ] && [[ "$2" == *=* ]] || { echo "error: --slurm needs KEY=VALUE, e.g. --slurm timeout_min=240" >&2; exit 2; }
+             slurm+=("$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --profile) [ $# -ge 2 ] || { echo "error: --profile needs a value (smoke, quick or paper)" >&2; exit 2; }
                profile="$2"; shift 2 ;;
@@ -75,6 +99,11 @@ fi
 
 if [ "$profile" = smoke ]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # tiny models: one thread is faster and shares the machine well
+  export LOSSGRAD_THREADS="${LOSSGRAD_THREADS:-1}"
+fi
+if [ ${#slurm[@]} -gt 0 ]; then
+  export LOSSGRAD_SLURM="$(IFS=,; echo "${slurm[*]}")"
+  [ "${LOSSGRAD_EXECUTOR:-}" = slurm ] || echo "note: --slurm options apply with --executor slurm" >&2
 fi
 
 yaml="overrides: {}"
@@ -92,9 +121,13 @@ for nb in "${notebooks[@]}"; do
   executed="$runs/notebooks/$name.ipynb" ; log="$runs/logs/$name.log"
   echo "[$i/${#notebooks[@]}] $name (profile $profile${overrides:+, overrides: ${overrides[*]}})"
   start=$(date +%s)
-  "$PY" -m papermill "$nb" "$executed" --cwd notebooks -k python3 -p profile "$profile" -y "$yaml" \
-      --progress-bar 2> >(tee "$log" >&2)
+  progress="$runs/logs/$name.progress" ; : > "$progress"
+  tail -n +1 -F "$progress" 2>/dev/null &   # the runs' progress lines, as the kernel writes them
+  follower=$!
+  LOSSGRAD_PROGRESS_FILE="$progress" "$PY" tools/execute_notebook.py "$nb" "$executed" --cwd notebooks \
+      --kernel python3 --parameters "{profile: $profile, $yaml}" --no-progress-bar 2> >(tee "$log" >&2)
   status=$?
+  sleep 0.3; kill "$follower" 2>/dev/null; wait "$follower" 2>/dev/null
   minutes=$(awk -v s="$(( $(date +%s) - start ))" 'BEGIN { printf "%.1f", s / 60 }')
   where="$executed"
   if [ $status -eq 0 ] && [ "$tag" = paper ]; then

@@ -1,10 +1,559 @@
-"""Where a notebook's runs train: in the kernel, in local worker processes, or as cluster jobs.
+"""Where a notebook's runs train: in the kernel, in local worker processes, or as SLURM jobs (submitit).
 
-Placeholder while the parallel runner is built: runs one after another in this process."""
+:meth:`companion.train.Experiment.run_all` hands its runs here. Whatever the executor, every run goes
+through the same :class:`~companion.train.RunStore`: a stored run is loaded, not trained; a run is trained
+under its lock (two workers or two notebooks never train the same run); its result lands on disk as soon
+as it finishes; a killed run resumes from its checkpoint. The executor is execution, not science: it is
+not part of any run's identity, and on the CPU a run's numbers do not depend on it (tested bitwise).
+
+Executors (``jobs``/``executor`` on the Experiment, else ``$LOSSGRAD_JOBS``/``$LOSSGRAD_EXECUTOR``; or
+``./run_all.sh --jobs N --executor slurm``):
+
+* ``local``, ``jobs=1``: one run after another in this process (the CPU default).
+* ``local``, ``jobs=N``: N runs at once, each in a fresh worker process (the GPU default: one per GPU;
+  worker slot i sees only GPU i mod the GPU count, as ``cuda``). A worker that fails or dies (out of memory, a segfault) is reported with its
+  run, its reason and its log; the other runs go on, and ``run_all`` raises :class:`RunsFailed` at the
+  end naming every failed run.
+* ``slurm``: each run is a SLURM job submitted with submitit (``$LOSSGRAD_SLURM``: ``key=value,...`` of
+  submitit's parameters, e.g. ``slurm_partition=gpu,timeout_min=240,gpus_per_node=1``); the run store
+  must be on a filesystem the nodes share (``$LOSSGRAD_RUNS``). The notebook waits for the jobs, then
+  draws. submitit's ``local`` and ``debug`` clusters (``$LOSSGRAD_SLURM=cluster=local``) run the same
+  code on this machine, which is how it is tested.
+
+Threads: a CPU worker gets ``usable cores // jobs`` torch threads (``$LOSSGRAD_THREADS`` overrides).
+Two processes that both use every core make each other 100x slower (``benchmarks/threads.py``: a
+2-thread step beside a second 2-thread training process took 295 ms instead of 1.9 ms on this 2-core
+machine; one thread each, 3.1 ms), so the workers never add up to more threads than cores, and the
+kernel (``jobs=1``) takes one thread fewer than the cores when other processes already keep a core busy.
+
+Progress: a bar per running run and one for the notebook in JupyterLab (tqdm widgets); under
+``./run_all.sh`` (``$LOSSGRAD_PROGRESS_FILE``) one line per run event in the terminal (run, epoch k/n,
+latest test metric, runs done/total, ETA), and one line per finished run in the notebook's output.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
-def run_all(experiment, specs: list) -> list:
-    """``specs``: ``(label, optimizer, seed, options)`` tuples; returns their results in order."""
-    return [experiment.run(label, optimizer, seed, **options) for label, optimizer, seed, options in specs]
+import torch
+
+EXECUTORS = ("local", "slurm")
+HEADLESS_ENV = "LOSSGRAD_PROGRESS_FILE"  # set by run_all.sh: progress as text lines appended to this file
+REPO = Path(__file__).resolve().parent.parent
+
+
+class RunsFailed(RuntimeError):
+    """Some runs failed; the others finished and are stored. ``failures``: ``{run name: reason}``."""
+
+    def __init__(self, failures: dict):
+        self.failures = failures
+        lines = "\n".join(f"  {name}: {why}" for name, why in failures.items())
+        super().__init__(f"{len(failures)} run(s) failed (the others finished and are stored; rerunning "
+                         f"trains only the missing ones):\n{lines}")
+
+
+# ----------------------------------------------------------------- settings
+@dataclass
+class Execution:
+    """How runs are executed: ``jobs`` at once, ``threads`` torch threads each, on ``executor``."""
+
+    jobs: int
+    threads: Optional[int]  # None: cluster jobs take $SLURM_CPUS_PER_TASK, else torch's default
+    executor: str = "local"
+    slurm: dict = field(default_factory=dict)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def busy_cores(seconds: float = 0.3) -> int:
+    """Cores that other processes keep busy now: the machine's CPU time over ``seconds`` while this
+    process sleeps, rounded to whole cores (Linux's /proc/stat; 0 where it cannot be read)."""
+
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0
+    if total1 <= total0:
+        return 0
+    return round((1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1))
+
+
+def default_jobs() -> int:
+    """One run per GPU on a GPU machine, one at a time on a CPU."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def execution(jobs: Optional[int] = None, executor: Optional[str] = None, threads: Optional[int] = None,
+              slurm: Optional[dict] = None) -> Execution:
+    """The execution settings: arguments, else ``$LOSSGRAD_JOBS``, ``$LOSSGRAD_EXECUTOR``,
+    ``$LOSSGRAD_THREADS``, ``$LOSSGRAD_SLURM``, else the defaults (see the module docstring)."""
+    jobs = _setting("jobs", jobs, "LOSSGRAD_JOBS", int)
+    threads = _setting("threads", threads, "LOSSGRAD_THREADS", int)
+    executor = executor or os.environ.get("LOSSGRAD_EXECUTOR") or "local"
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if slurm is None:
+        slurm = parse_slurm_options(os.environ.get("LOSSGRAD_SLURM", ""))
+    if jobs is None:
+        jobs = default_jobs()
+    if jobs < 1:
+        raise ValueError(f"jobs must be a positive number of worker processes, got {jobs}")
+    if threads is None:
+        # a machine some of whose cores are busy gets fewer threads: two processes both using every core
+        # is the 100x case; a training process beside a busy core costs about 2x (benchmarks/threads.py)
+        # (cluster jobs: $SLURM_CPUS_PER_TASK where the job runs)
+        threads = max(1, (usable_cores() - busy_cores()) // jobs) if executor == "local" else None
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be a positive number, got {threads}")
+    return Execution(jobs=jobs, threads=threads, executor=executor, slurm=slurm)
+
+
+def parse_slurm_options(text: str) -> dict:
+    """``"slurm_partition=gpu,timeout_min=240"`` -> ``{"slurm_partition": "gpu", "timeout_min": 240}``."""
+    options = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"$LOSSGRAD_SLURM takes key=value pairs separated by commas, got {item!r}")
+        options[key.strip()] = _number_or_text(value.strip())
+    return options
+
+
+def _number_or_text(value: str):
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _setting(name, value, env, kind):
+    if value is not None:
+        return kind(value)
+    text = os.environ.get(env, "").strip()
+    if not text or text.lower() == "none":
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"${env} must be a whole number ({name}), got {text!r}") from None
+
+
+# ---------------------------------------------------------------- run_all
+@dataclass
+class _Run:
+    label: str
+    optimizer: str
+    seed: int
+    options: dict
+    name: str
+    config: dict
+    steps: int  # steps of a whole run: the unit of progress
+
+
+def run_all(experiment, specs: list, jobs: Optional[int] = None, executor: Optional[str] = None) -> list:
+    """Results of ``specs`` (``(label, optimizer, seed, options)`` tuples) in order: stored ones loaded,
+    the others trained as :func:`execution` says. Raises :class:`RunsFailed` after the others finished
+    when some failed."""
+    how = execution(jobs, executor)
+    runs = _plan(experiment, specs)
+    unique = list({r.name: r for r in runs}.values())  # the same run asked for twice trains once
+    pending = [r for r in unique if experiment.store.lookup(r.name, r.config) is None]
+    display = Display(experiment.notebook, runs, pending, how)
+    try:
+        if not pending:
+            failures = {}
+        elif how.executor == "slurm":
+            failures = _run_slurm(experiment, pending, how, display)
+        elif how.jobs == 1:
+            failures = _run_here(experiment, pending, how, display)
+        else:
+            failures = _run_workers(experiment, pending, how, display)
+    finally:
+        display.close()
+    if failures:
+        raise RunsFailed(failures)
+    results = []
+    for r in runs:
+        result = experiment.store.lookup(r.name, r.config)
+        if result is None:
+            raise RuntimeError(f"{r.name} finished but its result is not in {experiment.store.dir}")
+        result.update(label=r.label, optimizer=r.optimizer, options=r.options, seed=r.seed)
+        results.append(result)
+    return results
+
+
+def _plan(experiment, specs) -> list:
+    runs, seen = [], {}
+    steps = experiment.epochs * -(-len(experiment.train_data[0]) // experiment.batch_size)
+    for label, optimizer, seed, options in specs:
+        experiment.check(optimizer, options)  # bad options fail before anything trains
+        name = experiment.run_name(label, seed)
+        config = experiment.identity(optimizer, seed, **options)
+        if name in seen and seen[name] != config:
+            raise ValueError(f"two runs are named {name!r} (label {label!r}, seed {seed}) with different "
+                             "settings; give them different labels")
+        seen[name] = config
+        runs.append(_Run(label, optimizer, seed, dict(options), name, config, steps))
+    return runs
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_here(experiment, pending, how, display) -> dict:
+    failures = {}
+    with _torch_threads(how.threads):
+        for r in pending:
+            display.started(r.name)
+            try:
+                experiment._run(r.label, r.optimizer, r.seed, r.options,
+                                report=lambda info, name=r.name: display.update(name, info))
+            except Exception as err:  # the other runs go on; KeyboardInterrupt stops everything
+                failures[r.name] = f"{type(err).__name__}: {err}"
+                display.finished(r.name, failures[r.name])
+                traceback.print_exc()
+            else:
+                display.finished(r.name)
+    return failures
+
+
+# ---------------------------------------------------------- local workers
+def _payload(experiment, folder: Path) -> Path:
+    """The experiment (data, model and task code, even when defined in a notebook) pickled once for the
+    workers; identities are computed first so that workers do not hash the data again."""
+    import cloudpickle
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(dir=folder, prefix="experiment-", suffix=".pkl")
+    with os.fdopen(fd, "wb") as f:
+        cloudpickle.dump(experiment, f)
+    return Path(path)
+
+
+def _worker_gpus(experiment, jobs: int) -> list:
+    """The GPU each worker slot sees as its only one (``CUDA_VISIBLE_DEVICES``), or None on the CPU:
+    then the notebook's ``cuda`` tensors and devices (an augmentation's constants) mean that GPU."""
+    if torch.device(experiment.device).type != "cuda" or not torch.cuda.is_available():
+        return [None] * jobs
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else \
+        [str(i) for i in range(torch.cuda.device_count())]
+    return [ids[i % len(ids)] for i in range(jobs)]
+
+
+def _run_workers(experiment, pending, how, display) -> dict:
+    work = experiment.store.dir / ".work"
+    payload = _payload(experiment, work)
+    gpus = _worker_gpus(experiment, how.jobs)
+    queue, running, failures = list(pending), {}, {}
+    env = dict(os.environ, OMP_NUM_THREADS=str(how.threads), MKL_NUM_THREADS=str(how.threads),
+               PYTHONPATH=_import_path())
+    env.pop(HEADLESS_ENV, None)
+    try:
+        while queue or running:
+            while queue and len(running) < how.jobs:
+                slot = min(set(range(how.jobs)) - {s for s, *_ in running.values()})
+                r = queue.pop(0)
+                progress, log = work / f"{r.name}.progress.json", work / f"{r.name}.log"
+                progress.unlink(missing_ok=True)
+                job = work / f"{r.name}.job.pkl"
+                _dump(job, dict(payload=str(payload), label=r.label, optimizer=r.optimizer, seed=r.seed,
+                                options=r.options, threads=how.threads, progress=str(progress)))
+                worker_env = env if gpus[slot] is None else dict(env, CUDA_VISIBLE_DEVICES=gpus[slot])
+                with open(log, "w") as out:
+                    proc = subprocess.Popen([sys.executable, "-m", "companion.runner", str(job)], env=worker_env,
+                                            stdout=out, stderr=subprocess.STDOUT, cwd=os.getcwd())
+                running[r.name] = (slot, proc, progress, log)
+                display.started(r.name)
+            time.sleep(0.5)
+            for name, (slot, proc, progress, log) in list(running.items()):
+                info = _read_json(progress)
+                if info:
+                    display.update(name, info)
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                if proc.returncode == 0:
+                    display.finished(name)
+                    log.unlink(missing_ok=True)
+                else:
+                    failures[name] = f"{_exit_reason(proc.returncode)}: {_last_error(log)} (log: {log})"
+                    display.finished(name, failures[name])
+    finally:
+        for _, proc, _, _ in running.values():  # interrupted: stop the workers; checkpoints stay
+            proc.terminate()
+        for _, proc, _, _ in running.values():
+            proc.wait()
+        payload.unlink(missing_ok=True)
+    return failures
+
+
+def _import_path() -> str:
+    """This process's module search path, for workers and jobs: they unpickle the experiment, whose
+    functions from importable modules (the companion, a user's own) are pickled by reference."""
+    return os.pathsep.join(dict.fromkeys([str(REPO)] + [p or os.getcwd() for p in sys.path]))
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        import signal
+
+        name = signal.Signals(-code).name
+        return f"the worker was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    return f"the worker exited with status {code}"
+
+
+def _last_error(log: Path) -> str:
+    try:
+        return _exception_line(log.read_text(errors="replace")) or "(empty log)"
+    except OSError:
+        return "(no log)"
+
+
+def _exception_line(text: str) -> str:
+    """The last ``SomeError: message`` line of a log or traceback, else its last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Missing|Failed)\b(:|$)", line):
+            return line
+    return lines[-1] if lines else ""
+
+
+def _dump(path: Path, obj) -> None:
+    import cloudpickle
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        cloudpickle.dump(obj, f)
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def train_one(job: dict) -> str:
+    """Trains (or loads) one run in this process, as a worker or a cluster job; returns its name.
+
+    Progress goes to ``job['progress']`` as JSON, at most every few seconds and after each epoch."""
+    import cloudpickle
+
+    threads = job["threads"] or os.environ.get("SLURM_CPUS_PER_TASK")
+    if threads:
+        torch.set_num_threads(int(threads))
+    with open(job["payload"], "rb") as f:
+        experiment = cloudpickle.load(f)
+    if torch.device(experiment.device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("the experiment trains on CUDA and this job sees no GPU (ask for one: gpus_per_node)")
+    experiment.progress = False
+    progress = Path(job["progress"])
+    experiment._run(job["label"], job["optimizer"], job["seed"], job["options"],
+                    report=lambda info: _write_json(progress, info))
+    return experiment.run_name(job["label"], job["seed"])
+
+
+# ------------------------------------------------------------------- slurm
+def _run_slurm(experiment, pending, how, display) -> dict:
+    """One submitit job per run; waits for all of them, showing their progress."""
+    import submitit
+
+    work = experiment.store.dir / ".work"
+    payload = _payload(experiment, work)
+    options = dict(how.slurm)
+    cluster = options.pop("cluster", None)  # 'local' or 'debug': submitit's stand-ins for SLURM
+    executor = submitit.AutoExecutor(folder=work / "submitit" / "%j", cluster=cluster)
+    options.setdefault("name", f"lossgrad-{experiment.notebook}")
+    if how.threads:
+        options.setdefault("cpus_per_task", how.threads)
+    if cluster not in ("local", "debug"):
+        options.setdefault("slurm_setup", [f"export PYTHONPATH={_import_path()}"])
+    executor.update_parameters(**options)
+    os.environ["PYTHONPATH"] = _import_path()  # submitit's local jobs inherit this environment
+    jobs, failures, submitted = {}, {}, []
+    with executor.batch():  # one job array on SLURM
+        for r in pending:
+            progress = work / f"{r.name}.progress.json"
+            progress.unlink(missing_ok=True)
+            submitted.append((r.name, progress, executor.submit(train_one, dict(
+                payload=str(payload), label=r.label, optimizer=r.optimizer, seed=r.seed, options=r.options,
+                threads=how.threads, progress=str(progress)))))
+    for name, progress, job in submitted:
+        jobs[name] = (job, progress)
+        display.started(name, f"job {job.job_id}")
+    try:
+        while jobs:
+            time.sleep(1.0)
+            for name, (job, progress) in list(jobs.items()):
+                info = _read_json(progress)
+                if info:
+                    display.update(name, info)
+                if not job.done():
+                    continue
+                del jobs[name]
+                try:
+                    job.result()
+                except Exception as err:
+                    failures[name] = f"job {job.job_id}: {_exception_line(str(err))} (logs: {job.paths.folder})"
+                    display.finished(name, failures[name])
+                else:
+                    display.finished(name)
+    finally:
+        for job, _ in jobs.values():  # interrupted: cancel what is still queued or running
+            with contextlib.suppress(Exception):
+                job.cancel()
+    return failures
+
+
+# ---------------------------------------------------------------- progress
+class Display:
+    """Progress of a notebook's runs: tqdm bars (widgets in JupyterLab), or text lines when headless."""
+
+    def __init__(self, notebook: str, runs: list, pending: list, how: Execution):
+        self.notebook, self.how = notebook, how
+        self.total, self.pending = len({r.name for r in runs}), {r.name: r for r in pending}
+        self.done = self.total - len(pending)
+        self.failed = 0
+        self.start = time.monotonic()
+        self.work = {}  # name -> (steps done at first report, steps done now)
+        self.bars = {}
+        self.epochs_told = {}
+        self.file = os.environ.get(HEADLESS_ENV)
+        self.headless = bool(self.file) or os.environ.get("LOSSGRAD_PROGRESS") == "text"
+        self.overall = None
+        if how.executor != "local":
+            where = f"{how.executor}: one job per run"
+        else:
+            where = f"{how.jobs} worker processes" if how.jobs > 1 else "one at a time in this process"
+            where += f", {how.threads} torch thread(s) each"
+        if pending:
+            self._line(f"{notebook}: {_plural(self.total, 'run')}, {self.done} stored, {len(pending)} to train "
+                       f"({where})", notebook_too=True)
+        if pending and not self.headless:
+            from tqdm.auto import tqdm
+
+            self.overall = tqdm(total=self.total, initial=self.done, desc=f"{notebook} runs", unit="run")
+
+    def started(self, name: str, where: str = "") -> None:
+        self._line(f"{name}: started{' (' + where + ')' if where else ''}")
+        if self.overall is not None:
+            from tqdm.auto import tqdm
+
+            r = self.pending[name]
+            self.bars[name] = tqdm(total=r.steps, desc=name, unit="step", leave=False, mininterval=1.0)
+
+    def update(self, name: str, info: dict) -> None:
+        self.work[name] = (info.get("start_step", info["step"]), info["step"])
+        bar = self.bars.get(name)
+        if bar is not None:
+            bar.update(info["step"] - bar.n)
+            bar.set_postfix_str(f"epoch {info['epoch']}/{info['epochs']}" + _metrics(info), refresh=False)
+        if self.headless and info["epoch"] > self.epochs_told.get(name, 0):  # a line per finished epoch
+            self.epochs_told[name] = info["epoch"]
+            self._line(f"{name}: epoch {info['epoch']}/{info['epochs']}{_metrics(info)}  [{self._summary()}]")
+
+    def finished(self, name: str, error: str = "") -> None:
+        bar = self.bars.pop(name, None)
+        if bar is not None:
+            bar.close()
+        r = self.pending[name]
+        self.work[name] = (self.work.get(name, (0, 0))[0], r.steps)
+        if error:
+            self.failed += 1
+            self._line(f"{name}: FAILED: {error}", notebook_too=True)
+        else:
+            self.done += 1
+            self._line(f"{name}: done  [{self._summary()}]", notebook_too=self.headless)
+        if self.overall is not None:
+            self.overall.update(1)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        if self.overall is not None:
+            self.overall.close()
+
+    def _summary(self) -> str:
+        text = f"runs {self.done}/{self.total} done" + (f", {self.failed} failed" if self.failed else "")
+        eta = self.eta()
+        return text + (f", ETA {_duration(eta)}" if eta is not None else "")
+
+    def eta(self) -> Optional[float]:
+        """Seconds left: the steps still to train over the rate at which this call has trained them."""
+        trained = sum(now - first for first, now in self.work.values())
+        elapsed = time.monotonic() - self.start
+        if trained <= 0 or elapsed < 1:
+            return None
+        remaining = sum(r.steps - self.work.get(name, (0, 0))[1] for name, r in self.pending.items())
+        return max(0.0, remaining) * elapsed / trained
+
+    def _line(self, text: str, notebook_too: bool = False) -> None:
+        if self.file:
+            with open(self.file, "a") as f:
+                f.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+        if notebook_too or (self.headless and not self.file):
+            print(text, flush=True)
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _metrics(info: dict) -> str:
+    return "".join(f", {k} {v:.4g}" for k, v in info.get("metrics", {}).items())
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+if __name__ == "__main__":  # a local worker: python -m companion.runner JOB.pkl
+    import cloudpickle
+
+    with open(sys.argv[1], "rb") as handle:
+        job = cloudpickle.load(handle)
+    Path(sys.argv[1]).unlink(missing_ok=True)
+    train_one(job)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -25,6 +26,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+try:
+    import fcntl  # run locks (POSIX)
+except ImportError:  # pragma: no cover - Windows: runs are not locked
+    fcntl = None
 
 from lossgrad import LossGrad
 
@@ -41,6 +47,10 @@ RUN_CODE_VERSION = 1
 # Set to 1, a run that is not stored under its identity raises StoredRunMissing instead of training: a
 # dry check that re-executing a notebook only loads (see RunStore.get).
 STORED_ONLY_ENV = "LOSSGRAD_STORED_ONLY"
+
+
+# How often fit() reports progress within an epoch (seconds).
+REPORT_SECONDS = 2.0
 
 
 class StoredRunMissing(RuntimeError):
@@ -200,12 +210,17 @@ def fit(model: nn.Module, optimizer, task, train_data: Batch, test_data: Batch, 
         batch_size: int, device: torch.device, seed: int = 0, scheduler=None,
         augment: Optional[Callable[[Batch, torch.Generator], Batch]] = None,
         checkpoint: Optional[Path] = None, eval_train: bool = True, eval_batch_size: int = 1000,
-        progress: bool = True, desc: str = "") -> dict:
+        progress: bool = True, desc: str = "", report: Optional[Callable[[dict], None]] = None) -> dict:
     """Trains ``model`` and returns its history (see :func:`run` for the layout).
 
     Epoch 0 in ``history['epochs']`` is the evaluation before training. A run whose loss
     stops being finite is stopped and marked ``diverged``. With ``checkpoint``, the state is
-    saved after every epoch and a run that finds its checkpoint resumes from it."""
+    saved after every epoch and a run that finds its checkpoint resumes from it.
+
+    ``report``, if given, replaces the progress bar: it receives ``dict(epoch, epochs, step, steps,
+    start_step, metrics)`` (``step`` counts the run's steps, resumed ones included; ``start_step`` those
+    done before this call; ``metrics`` the latest epoch's test metrics) when training starts, every
+    ``REPORT_SECONDS``, and after each epoch once its checkpoint is on disk."""
     generator = torch.Generator().manual_seed(seed)  # data order and augmentation
     history = {"epochs": [], "steps": {"loss": [], "lr": [], "ratio": []}, "diverged": False, "seconds": 0.0}
     step_keys = getattr(task, "step_metrics", ()) if hasattr(task, "loss_and_step_metrics") else ()
@@ -228,7 +243,17 @@ def fit(model: nn.Module, optimizer, task, train_data: Batch, test_data: Batch, 
                                                 eval_train, eval_batch_size, history))
 
     n_batches = math.ceil(len(train_data[0]) / batch_size)
-    bar = _progress(total=epochs * n_batches, initial=(start_epoch - 1) * n_batches, desc=desc, enabled=progress)
+    start_step = step = (start_epoch - 1) * n_batches
+    total = epochs * n_batches
+    bar = _progress(total=total, initial=step, desc=desc, enabled=progress and report is None)
+    last_report = time.monotonic()
+
+    def tell(epoch: int) -> None:
+        latest = {k: v for k, v in history["epochs"][-1].items() if k.startswith("test_")}
+        report(dict(epoch=epoch, epochs=epochs, step=step, steps=total, start_step=start_step, metrics=latest))
+
+    if report is not None:
+        tell(start_epoch - 1)
     model.train()
     for epoch in range(start_epoch, epochs + 1):
         if history["diverged"]:
@@ -249,6 +274,10 @@ def fit(model: nn.Module, optimizer, task, train_data: Batch, test_data: Batch, 
             if isinstance(optimizer, LossGrad):
                 ratios.append(optimizer.last["ratio"])
             bar.update(1)
+            step += 1
+            if report is not None and time.monotonic() - last_report > REPORT_SECONDS:
+                tell(epoch - 1)
+                last_report = time.monotonic()
         if scheduler is not None:
             scheduler.step()
         epoch_losses = torch.stack(losses).float().cpu()  # one sync per epoch
@@ -270,6 +299,8 @@ def fit(model: nn.Module, optimizer, task, train_data: Batch, test_data: Batch, 
                           "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                           "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                           "history": history, "epoch": epoch}, Path(checkpoint))
+        if report is not None:
+            tell(epoch)  # after the checkpoint: a reported epoch survives a crash
     bar.close()
     steps = history["steps"]
     history["steps"] = {k: torch.cat(v) if v else torch.empty(0) for k, v in steps.items()}
@@ -301,7 +332,40 @@ class RunStore:
             raise ValueError(f"a run name must be a non-empty file name, got {name!r}")
         return self.dir / f"{name}.pt"
 
+    def lookup(self, name: str, config: dict) -> Optional[dict]:
+        """The stored result of run ``name`` when it was made with this ``config``, else None."""
+        path = self.path(name)
+        if path.exists():
+            result = torch.load(path, weights_only=False)
+            if result.get("config_digest") == config_digest(config):
+                return result
+        return None
+
     def get(self, name: str, config: dict, compute: Callable[[Path], dict]) -> dict:
+        """Under the run's lock: two processes (workers, notebooks) never train the same run; the
+        second waits and then loads what the first stored."""
+        with self.lock(name):
+            return self._get(name, config, compute)
+
+    @contextlib.contextmanager
+    def lock(self, name: str):
+        """An exclusive lock on run ``name`` held while the block runs (an advisory ``flock`` on a file
+        beside the result; the system releases it when the process dies, so a crash leaves no stale lock)."""
+        if fcntl is None:
+            yield
+            return
+        with open(self.dir / f".{self.path(name).stem}.lock", "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"{name}: another process is training it; waiting for it to finish", flush=True)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _get(self, name: str, config: dict, compute: Callable[[Path], dict]) -> dict:
         path, digest = self.path(name), config_digest(config)
         why = "it is not stored"
         if path.exists():
@@ -353,6 +417,12 @@ class Experiment:
     config: Optional[dict] = None  # settings that shape the model or data (part of every run's identity)
     eval_batch_size: int = 1000
     model_options: Optional[dict] = None  # keyword arguments of model_fn, e.g. the initialisation
+    # Execution, not part of any run's identity (companion.runner): worker processes (None: one per GPU,
+    # 1 on a CPU; $LOSSGRAD_JOBS), 'local' or 'slurm' ($LOSSGRAD_EXECUTOR), and whether the data sets move
+    # to the GPU once instead of per batch (None: when they take under a quarter of its free memory).
+    jobs: Optional[int] = None
+    executor: Optional[str] = None
+    data_on_device: Optional[bool] = None
 
     def __post_init__(self):
         self.store = RunStore(self.notebook, self.profile, self.overrides)
@@ -390,25 +460,52 @@ class Experiment:
 
         Returns ``dict(label, optimizer, options, seed, epochs=[per-epoch metrics],
         steps=dict(loss, lr, ratio), diverged, seconds, device, torch, extra)``."""
-        # bad options (a schedule beyond the epochs) fail here, before any run of the notebook trains
+        return self._run(label, optimizer, seed, options)
+
+    def run_name(self, label: str, seed: int) -> str:
+        """The file name of a run in the store."""
+        return f"{_slug(label)}-seed{seed}"
+
+    def check(self, optimizer: str, options: dict) -> None:
+        """Bad options (a schedule beyond the epochs, an unknown argument) fail here, before anything trains."""
         make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)], epochs=self.epochs, **options)
+
+    def _run(self, label: str, optimizer: str, seed: int, options: dict,
+             report: Optional[Callable[[dict], None]] = None) -> dict:
+        self.check(optimizer, options)
         config = self.identity(optimizer, seed, **options)
 
         def compute(checkpoint: Path) -> dict:
             seed_everything(seed)
             model = self.model_fn(**(self.model_options or {})).to(self.device)
             opt, scheduler = make_optimizer(optimizer, model.parameters(), epochs=self.epochs, **options)
-            history = fit(model, opt, self.task, self.train_data, self.test_data, epochs=self.epochs,
+            train_data, test_data = self._data_on_device()
+            history = fit(model, opt, self.task, train_data, test_data, epochs=self.epochs,
                           batch_size=self.batch_size, device=self.device, seed=seed, scheduler=scheduler,
                           augment=self.augment, checkpoint=checkpoint, eval_train=self.eval_train,
-                          eval_batch_size=self.eval_batch_size, progress=self.progress, desc=f"{label} seed {seed}")
+                          eval_batch_size=self.eval_batch_size, progress=self.progress, desc=f"{label} seed {seed}",
+                          report=report)
             extra = self.on_finish(model) if self.on_finish is not None else {}
             return dict(history, extra=extra, device=device_name(self.device), torch=torch.__version__)
 
-        name = f"{_slug(label)}-seed{seed}"
-        result = self.store.get(name, config, compute)
+        result = self.store.get(self.run_name(label, seed), config, compute)
         result.update(label=label, optimizer=optimizer, options=options, seed=seed)
         return result
+
+    def _data_on_device(self) -> tuple:
+        """The data sets on the training device when they fit (moved once, kept for every run of this
+        process), else where they are: each batch then moves on its own. The values are the same."""
+        device = torch.device(self.device)
+        if device.type == "cpu" or self.data_on_device is False:
+            return self.train_data, self.test_data
+        cache = self.__dict__.setdefault("_on_device", {})
+        if str(device) not in cache:
+            size = sum(t.numel() * t.element_size() for t in (*self.train_data, *self.test_data))
+            fits = self.data_on_device or (device.type == "cuda" and size < torch.cuda.mem_get_info(device)[0] / 4)
+            cache.clear()  # one device's copy at a time
+            cache[str(device)] = tuple(tuple(t.to(device) for t in data) for data in (self.train_data, self.test_data)) \
+                if fits else (self.train_data, self.test_data)
+        return cache[str(device)]
 
     def run_all(self, methods, seeds) -> list:
         """Every ``(label, optimizer, options)`` of ``methods`` with every seed of ``seeds``: the results in
@@ -419,7 +516,13 @@ class Experiment:
         from .runner import run_all
 
         return run_all(self, [(label, optimizer, seed, dict(options))
-                              for label, optimizer, options in methods for seed in seeds])
+                              for label, optimizer, options in methods for seed in seeds],
+                       jobs=self.jobs, executor=self.executor)
+
+    def __getstate__(self):  # pickled for worker processes: without the device copies of the data
+        state = dict(self.__dict__)
+        state.pop("_on_device", None)
+        return state
 
     def _data_digest(self, field: str) -> str:
         cache = self.__dict__.setdefault("_digests", {})
@@ -497,10 +600,23 @@ def _slug(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in label)
 
 
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
 def _progress(total: int, initial: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=False, mininterval=2.0)
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, mininterval=2.0)
 
 
 @torch.no_grad()

@@ -1,0 +1,259 @@
+"""The runner (companion.runner): parallel workers, locks, crash isolation, the submitit executor, progress."""
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import companion as C
+from companion import runner
+from companion.train import Classification, Experiment
+
+# Functions below are pickled by value (cloudpickle) into the workers, as a notebook's would be.
+
+
+def small_net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.Tanh(), nn.Linear(16, 10))
+
+
+class FailingTask(Classification):
+    """Cross entropy, except in the runs of seed 1, which raise (a bug that hits one run)."""
+
+    def loss_and_step_metrics(self, model, batch):
+        if torch.initial_seed() == 1:  # seed_everything(seed) ran just before this run's training
+            raise RuntimeError("this run is broken")
+        return super().loss_and_step_metrics(model, batch)
+
+
+class DyingTask(Classification):
+    """Kills its own process in the runs of seed 1, as the out-of-memory killer or a segfault would."""
+
+    def loss_and_step_metrics(self, model, batch):
+        if torch.initial_seed() == 1:
+            os.kill(os.getpid(), 9)
+        return super().loss_and_step_metrics(model, batch)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOSSGRAD_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("LOSSGRAD_THREADS", "1")  # two workers on a 2-core machine: one thread each
+    for name in ("LOSSGRAD_JOBS", "LOSSGRAD_EXECUTOR", "LOSSGRAD_SLURM", runner.HEADLESS_ENV, "LOSSGRAD_PROGRESS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return C.data.synthetic_mnist(n_train=200, n_test=100, seed=0)
+
+
+def experiment(data, model_fn=small_net, task=None, **kwargs):
+    return Experiment("runner_test", "smoke", data["train"], data["test"], task or Classification(), model_fn,
+                      epochs=2, batch_size=50, device=torch.device("cpu"), progress=False, **kwargs)
+
+
+METHODS = [("sgd", "sgd", dict(lr=0.1)), ("lossgrad", "lossgrad", dict(lr=0.05)),
+           ("adam", "adam_steps", dict(lr=1e-3))]
+
+
+def same_runs(a, b):
+    assert [(r["label"], r["seed"]) for r in a] == [(r["label"], r["seed"]) for r in b]
+    for x, y in zip(a, b):
+        timeless = [[{k: v for k, v in e.items() if k != "seconds"} for e in r["epochs"]] for r in (x, y)]
+        assert timeless[0] == timeless[1]  # every metric of every epoch, exactly
+        for key in x["steps"]:
+            assert torch.equal(x["steps"][key], y["steps"][key]), (x["label"], key)
+
+
+def test_two_workers_give_the_serial_results_bitwise(data, tmp_path, monkeypatch):
+    serial = experiment(data, jobs=1).run_all(METHODS, seeds=[0, 1])
+    monkeypatch.setenv("LOSSGRAD_RUNS", str(tmp_path / "parallel"))
+    exp = experiment(data, jobs=2)
+    parallel = exp.run_all(METHODS, seeds=[0, 1])
+    same_runs(serial, parallel)
+    assert len(list(exp.store.dir.glob("*.pt"))) == 6  # each run landed in the store
+    assert not list(exp.store.dir.glob("*.ckpt"))
+
+
+def test_a_rerun_loads_instead_of_training(data, capsys):
+    exp = experiment(data, jobs=2)
+    first = exp.run_all(METHODS[:2], seeds=[0])
+    stamps = {p: p.stat().st_mtime_ns for p in exp.store.dir.glob("*.pt")}
+    capsys.readouterr()
+    again = experiment(data, jobs=2).run_all(METHODS[:2], seeds=[0])
+    same_runs(first, again)
+    assert {p: p.stat().st_mtime_ns for p in exp.store.dir.glob("*.pt")} == stamps
+    assert "to train" not in capsys.readouterr().out  # nothing trained, nothing announced
+
+
+def test_a_worker_resumes_a_checkpoint_left_by_a_killed_run(data, tmp_path, monkeypatch):
+    straight = experiment(data, jobs=1).run_all(METHODS[1:2], seeds=[0])[0]
+    monkeypatch.setenv("LOSSGRAD_RUNS", str(tmp_path / "killed"))
+    exp = experiment(data, jobs=2)
+    config = exp.identity("lossgrad", 0, lr=0.05)
+    checkpoint = exp.store.path("lossgrad-seed0").with_suffix(f".{C.train.config_digest(config)}.ckpt")
+
+    class Killed(Exception):
+        pass
+
+    def one_epoch_then_die(info):  # stops the run after its first epoch's checkpoint
+        if info["epoch"] == 1 and checkpoint.exists():
+            raise Killed
+
+    with pytest.raises(Killed):
+        exp._run("lossgrad", "lossgrad", 0, dict(lr=0.05), report=one_epoch_then_die)
+    assert checkpoint.exists()
+    resumed = exp.run_all(METHODS[1:2], seeds=[0])[0]
+    same_runs([straight], [resumed])
+
+
+@pytest.mark.parametrize("task, reason", [(FailingTask(), "RuntimeError: this run is broken"),
+                                          (DyingTask(), "killed by SIGKILL")])
+def test_a_failing_worker_is_reported_and_the_others_finish(data, task, reason):
+    exp = experiment(data, task=task, jobs=2)
+    with pytest.raises(runner.RunsFailed) as failed:
+        exp.run_all(METHODS[:2], seeds=[0, 1, 2])
+    assert sorted(failed.value.failures) == ["lossgrad-seed1", "sgd-seed1"]
+    assert all(reason in why for why in failed.value.failures.values()), failed.value.failures
+    stored = sorted(p.stem for p in exp.store.dir.glob("*.pt"))
+    assert stored == ["lossgrad-seed0", "lossgrad-seed2", "sgd-seed0", "sgd-seed2"]
+
+
+def test_a_failing_run_in_the_kernel_does_not_stop_the_others(data):
+    exp = experiment(data, task=FailingTask(), jobs=1)
+    with pytest.raises(runner.RunsFailed) as failed:
+        exp.run_all(METHODS[:1], seeds=[0, 1, 2])
+    assert list(failed.value.failures) == ["sgd-seed1"]
+    assert sorted(p.stem for p in exp.store.dir.glob("*.pt")) == ["sgd-seed0", "sgd-seed2"]
+
+
+def test_two_processes_never_train_the_same_run(data):
+    """The second caller waits on the run's lock, then loads what the first stored."""
+    exp = experiment(data, jobs=1)
+    started, trained = threading.Event(), []
+    config = exp.identity("sgd", 0, lr=0.1)
+
+    def slow(checkpoint):
+        trained.append("first")
+        started.set()
+        time.sleep(1.0)
+        return exp._run.__self__ and {"epochs": [], "steps": {}, "diverged": False, "seconds": 0.0}
+
+    def second(checkpoint):
+        trained.append("second")
+        return {"epochs": [], "steps": {}, "diverged": False, "seconds": 0.0}
+
+    first = threading.Thread(target=exp.store.get, args=("sgd-seed0", config, slow))
+    first.start()
+    started.wait()
+    other = C.train.RunStore("runner_test", "smoke")  # a second store object: another process's view
+    result = other.get("sgd-seed0", config, second)
+    first.join()
+    assert trained == ["first"]
+    assert result["config_digest"] == C.train.config_digest(config)
+
+
+def test_the_submitit_executor_runs_each_run_as_a_job(data, tmp_path, monkeypatch):
+    """submitit's local cluster: real subprocess jobs, the same code path as SLURM's."""
+    pytest.importorskip("submitit")
+    serial = experiment(data, jobs=1).run_all(METHODS[:2], seeds=[0])
+    monkeypatch.setenv("LOSSGRAD_RUNS", str(tmp_path / "cluster"))
+    monkeypatch.setenv("LOSSGRAD_SLURM", "cluster=local,timeout_min=10")
+    exp = experiment(data, executor="slurm")
+    jobs = exp.run_all(METHODS[:2], seeds=[0])
+    same_runs(serial, jobs)
+    assert list((exp.store.dir / ".work" / "submitit").iterdir())  # submitit's job folders
+
+
+def test_the_submitit_executor_reports_a_failed_job(data, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("LOSSGRAD_SLURM", "cluster=local,timeout_min=10")
+    exp = experiment(data, task=FailingTask(), executor="slurm")
+    with pytest.raises(runner.RunsFailed) as failed:
+        exp.run_all(METHODS[:1], seeds=[0, 1])
+    assert list(failed.value.failures) == ["sgd-seed1"]
+    assert "this run is broken" in failed.value.failures["sgd-seed1"]
+
+
+# ------------------------------------------------------------------ settings
+def test_execution_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LOSSGRAD_JOBS", "3")
+    monkeypatch.setenv("LOSSGRAD_THREADS", "2")
+    monkeypatch.setenv("LOSSGRAD_SLURM", "slurm_partition=gpu,timeout_min=240,gpus_per_node=1")
+    how = runner.execution()
+    assert (how.jobs, how.threads, how.executor) == (3, 2, "local")
+    assert how.slurm == {"slurm_partition": "gpu", "timeout_min": 240, "gpus_per_node": 1}
+    assert runner.execution(jobs=1).jobs == 1  # an argument wins over the environment
+
+
+@pytest.mark.parametrize("env, value, message", [
+    ("LOSSGRAD_JOBS", "two", "whole number"), ("LOSSGRAD_JOBS", "0", "positive"),
+    ("LOSSGRAD_EXECUTOR", "ray", "executor must be one of"), ("LOSSGRAD_SLURM", "partition", "key=value"),
+])
+def test_bad_execution_settings_say_what_is_wrong(monkeypatch, env, value, message):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValueError, match=message):
+        runner.execution()
+
+
+def test_default_threads_never_add_up_to_more_than_the_cores(monkeypatch):
+    monkeypatch.delenv("LOSSGRAD_THREADS")
+    monkeypatch.setattr(runner, "usable_cores", lambda: 8)
+    monkeypatch.setattr(runner, "busy_cores", lambda: 0)
+    assert [runner.execution(jobs=j).threads for j in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    monkeypatch.setattr(runner, "busy_cores", lambda: 2)  # another process keeps two cores busy
+    assert [runner.execution(jobs=j).threads for j in (1, 2)] == [6, 3]
+
+
+def test_busy_cores_sees_a_busy_core():
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("needs Linux's /proc/stat")
+    idle = runner.busy_cores()
+    spinner = __import__("subprocess").Popen(["python3", "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = runner.busy_cores()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy >= 1 and busy >= idle
+
+
+# ------------------------------------------------------------------ progress
+def test_headless_progress_names_the_run_its_epoch_and_the_eta(data, tmp_path, monkeypatch, capsys):
+    log = tmp_path / "progress.log"
+    monkeypatch.setenv(runner.HEADLESS_ENV, str(log))
+    experiment(data, jobs=2).run_all(METHODS[:2], seeds=[0])
+    lines = log.read_text().splitlines()
+    assert any("runner_test: 2 runs, 0 stored, 2 to train (2 worker processes" in line for line in lines)
+    assert any("sgd-seed0: epoch 2/2, test_loss" in line and "ETA" in line for line in lines), lines
+    assert any("lossgrad-seed0: done  [runs" in line for line in lines)
+    out = capsys.readouterr().out  # the notebook gets one line per finished run, not every epoch
+    assert "lossgrad-seed0: done" in out and "epoch 1/2" not in out
+
+
+def test_jupyter_progress_has_a_bar_per_run_and_one_for_the_notebook(data, monkeypatch):
+    made = []
+
+    class Bar:
+        def __init__(self, total=None, initial=0, desc="", **kwargs):
+            self.total, self.n, self.desc = total, initial, desc
+            made.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix_str(self, *args, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("tqdm.auto.tqdm", Bar)
+    experiment(data, jobs=1).run_all(METHODS[:2], seeds=[0])
+    assert [b.desc for b in made] == ["runner_test runs", "sgd-seed0", "lossgrad-seed0"]
+    assert made[0].n == 2 and made[0].total == 2
+    assert [b.n for b in made[1:]] == [8, 8]  # 2 epochs x 4 batches each
