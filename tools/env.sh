@@ -1,5 +1,7 @@
-# Sourced by run_all.sh and run_tests.sh: makes the virtual environment on first use, installs the
-# pinned requirements when requirements.txt changed, and registers the Jupyter kernel.
+# Sourced by run_all.sh and run_tests.sh: makes the virtual environment on first use and installs the
+# pinned requirements when requirements.txt changed. The Jupyter kernel is the environment's own "python3"
+# (ipykernel installs it): the name the notebooks give, so a JupyterLab started from the environment
+# (.venv/bin/jupyter lab notebooks/) opens them with it, and run_all.sh runs them with it.
 # LOSSGRAD_VENV moves the environment (default: .venv in the repository).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,8 +28,9 @@ ensure_env() {
     "$PY" -m pip install --disable-pip-version-check -q -r "$REPO/requirements.txt" >&2
     echo "$want" > "$VENV/.requirements.sha256"
   fi
-  if [ ! -d "$VENV/share/jupyter/kernels/lossgrad-companion" ]; then
-    "$PY" -m ipykernel install --sys-prefix --name lossgrad-companion \
-      --display-name "Python (lossgrad companion)" >/dev/null
+  # Earlier versions of this script registered the same Python a second time, as "lossgrad-companion"
+  # ("Python (lossgrad companion)"); no notebook names it, and JupyterLab's launcher would offer two kernels.
+  if [ -f "$VENV/share/jupyter/kernels/lossgrad-companion/kernel.json" ]; then
+    rm -rf "$VENV/share/jupyter/kernels/lossgrad-companion"
   fi
 }
