@@ -11,7 +11,7 @@ Usage: ./run_all.sh [--profile smoke|quick|paper] [-p NAME VALUE]... [--jobs N] 
 
 Executes the numbered notebooks in notebooks/ in order with papermill, headless, and ends with a
 table (notebook, status, minutes, outputs). Set-up is automatic: the first run creates .venv,
-installs requirements.txt and registers the Jupyter kernel "lossgrad-companion".
+installs requirements.txt; the notebooks run on its own kernel, python3.
 
 Profiles (each notebook's "parameters" cell takes `profile`; the cell after it says what it changes):
   smoke   synthetic stand-in data, tiny sizes, CPU, seconds per notebook (what the tests run)
@@ -131,7 +131,7 @@ for nb in "${notebooks[@]}"; do
   minutes=$(awk -v s="$(( $(date +%s) - start ))" 'BEGIN { printf "%.1f", s / 60 }')
   where="$executed"
   if [ $status -eq 0 ] && [ "$tag" = paper ]; then
-    cp "$executed" "$nb"; where="$nb, figures/"
+    cp "$executed" "$nb" && "$PY" tools/tidy_notebook.py "$nb" >/dev/null; where="$nb, figures/"
   elif [ $status -eq 0 ] && [ "$tag" = quick ]; then
     mkdir -p figures/quick; cp "$executed" "figures/quick/$name.ipynb"; where="figures/quick/"
   fi

@@ -4,9 +4,11 @@
 - ``companion.models``: the paper's networks
 - ``companion.baselines``: WNGrad, L4, SGD schedules, and ``make_optimizer``
 - ``companion.train``: the training loop, tasks, run store (resume, skip finished runs)
+- ``companion.runner``: where runs train (this process, worker processes, SLURM jobs), with progress
+- ``companion.probes``: LOSSGRAD's probe on fresh or eval-mode dropout masks (notebook 08)
 - ``companion.report``: figures and tables with the paper's numbers beside ours
 - ``companion.profiles``: smoke / quick / paper, and where each one's outputs go
 - ``companion.quadratic``: the 2-D quadratic of Section 3 (notebook 00)
 """
 
-from . import baselines, data, models, profiles, quadratic, report, train  # noqa: F401
+from . import baselines, data, models, probes, profiles, quadratic, report, runner, train  # noqa: F401

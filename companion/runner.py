@@ -48,6 +48,8 @@ from typing import Optional
 
 import torch
 
+from .train import STORED_ONLY_ENV, StoredRunMissing
+
 EXECUTORS = ("local", "slurm")
 HEADLESS_ENV = "LOSSGRAD_PROGRESS_FILE"  # set by run_all.sh: progress as text lines appended to this file
 REPO = Path(__file__).resolve().parent.parent
@@ -163,9 +165,15 @@ def _setting(name, value, env, kind):
         raise ValueError(f"${env} must be a whole number ({name}), got {text!r}") from None
 
 
+def headless() -> bool:
+    """Progress as text lines (``./run_all.sh``, or ``$LOSSGRAD_PROGRESS=text``), not as bars."""
+    return bool(os.environ.get(HEADLESS_ENV)) or os.environ.get("LOSSGRAD_PROGRESS") == "text"
+
+
 # ---------------------------------------------------------------- run_all
 @dataclass
 class _Run:
+    experiment: object
     label: str
     optimizer: str
     seed: int
@@ -174,36 +182,71 @@ class _Run:
     config: dict
     steps: int  # steps of a whole run: the unit of progress
 
+    @property
+    def key(self) -> tuple:
+        return str(self.experiment.store.dir), self.name
+
 
 def run_all(experiment, specs: list, jobs: Optional[int] = None, executor: Optional[str] = None) -> list:
     """Results of ``specs`` (``(label, optimizer, seed, options)`` tuples) in order: stored ones loaded,
     the others trained as :func:`execution` says. Raises :class:`RunsFailed` after the others finished
     when some failed."""
+    return _execute([(experiment, specs)], jobs, executor)[0]
+
+
+def run_together(batches: list, jobs: Optional[int] = None, executor: Optional[str] = None) -> list:
+    """The runs of several experiments at once, for one pool of workers: ``batches`` is a list of
+    ``(experiment, methods, seeds)`` as :meth:`~companion.train.Experiment.run_all` takes them; returns a
+    list of result lists in that order. Keeps N workers busy across experiments (one ``run_all`` per
+    experiment waits for its slowest run before the next starts). ``jobs``/``executor`` default to the
+    first experiment's."""
+    if not batches:
+        return []
+    first = batches[0][0]
+    groups = [(exp, [(label, optimizer, seed, dict(options)) for label, optimizer, options in methods for seed in seeds])
+              for exp, methods, seeds in batches]
+    return _execute(groups, jobs if jobs is not None else first.jobs, executor or first.executor)
+
+
+def _execute(groups: list, jobs, executor) -> list:
     how = execution(jobs, executor)
-    runs = _plan(experiment, specs)
-    unique = list({r.name: r for r in runs}.values())  # the same run asked for twice trains once
-    pending = [r for r in unique if experiment.store.lookup(r.name, r.config) is None]
-    display = Display(experiment.notebook, runs, pending, how)
+    planned = [_plan(experiment, specs) for experiment, specs in groups]
+    unique = {}
+    for r in (r for runs in planned for r in runs):  # a run asked for twice trains once
+        if r.key in unique and unique[r.key].config != r.config:
+            raise ValueError(f"two experiments store different runs as {r.name!r} in {r.experiment.store.dir}; "
+                             "give them different labels")
+        unique[r.key] = r
+    unique = list(unique.values())
+    stored = {r.key: r.experiment.store.lookup(r.name, r.config) for r in unique}
+    pending = [r for r in unique if stored[r.key] is None]
+    if pending and os.environ.get(STORED_ONLY_ENV) == "1":
+        missing = "; ".join(f"{r.experiment.store.dir / r.name}: {r.experiment.store.why_missing(r.name, r.config)}"
+                            for r in pending)
+        raise StoredRunMissing(f"{missing}; ${STORED_ONLY_ENV}=1 forbids training {'it' if len(pending) == 1 else 'them'}")
+    display = Display(groups[0][0].notebook, unique, pending, how,
+                      bars=all(exp.progress for exp, _ in groups))
     try:
         if not pending:
             failures = {}
         elif how.executor == "slurm":
-            failures = _run_slurm(experiment, pending, how, display)
+            failures = _run_slurm(pending, how, display)
         elif how.jobs == 1:
-            failures = _run_here(experiment, pending, how, display)
+            failures = _run_here(pending, how, display, catch=len(unique) > 1)
         else:
-            failures = _run_workers(experiment, pending, how, display)
+            failures = _run_workers(pending, how, display)
     finally:
         display.close()
     if failures:
         raise RunsFailed(failures)
     results = []
-    for r in runs:
-        result = experiment.store.lookup(r.name, r.config)
-        if result is None:
-            raise RuntimeError(f"{r.name} finished but its result is not in {experiment.store.dir}")
-        result.update(label=r.label, optimizer=r.optimizer, options=r.options, seed=r.seed)
-        results.append(result)
+    for runs in planned:
+        results.append([])
+        for r in runs:
+            result = stored[r.key] or r.experiment.store.lookup(r.name, r.config)
+            if result is None:
+                raise RuntimeError(f"{r.name} finished but its result is not in {r.experiment.store.dir}")
+            results[-1].append(dict(result, label=r.label, optimizer=r.optimizer, options=r.options, seed=r.seed))
     return results
 
 
@@ -218,7 +261,7 @@ def _plan(experiment, specs) -> list:
             raise ValueError(f"two runs are named {name!r} (label {label!r}, seed {seed}) with different "
                              "settings; give them different labels")
         seen[name] = config
-        runs.append(_Run(label, optimizer, seed, dict(options), name, config, steps))
+        runs.append(_Run(experiment, label, optimizer, seed, dict(options), name, config, steps))
     return runs
 
 
@@ -232,15 +275,19 @@ def _torch_threads(threads: int):
         torch.set_num_threads(before)
 
 
-def _run_here(experiment, pending, how, display) -> dict:
+def _run_here(pending, how, display, catch: bool = True) -> dict:
+    """In this process, one run after another; with ``catch``, a run that raises is reported and the
+    others go on (a single run's error propagates as it is)."""
     failures = {}
     with _torch_threads(how.threads):
         for r in pending:
             display.started(r.name)
             try:
-                experiment._run(r.label, r.optimizer, r.seed, r.options,
+                r.experiment._run(r.label, r.optimizer, r.seed, r.options,
                                 report=lambda info, name=r.name: display.update(name, info))
             except Exception as err:  # the other runs go on; KeyboardInterrupt stops everything
+                if not catch:
+                    raise
                 failures[r.name] = f"{type(err).__name__}: {err}"
                 display.finished(r.name, failures[r.name])
                 traceback.print_exc()
@@ -250,16 +297,20 @@ def _run_here(experiment, pending, how, display) -> dict:
 
 
 # ---------------------------------------------------------- local workers
-def _payload(experiment, folder: Path) -> Path:
-    """The experiment (data, model and task code, even when defined in a notebook) pickled once for the
-    workers; identities are computed first so that workers do not hash the data again."""
+def _payload(pending) -> tuple:
+    """The experiments of ``pending`` (data, model and task code, even when defined in a notebook) pickled
+    together once for the workers, so that data they share (``dataclasses.replace`` copies) is stored once;
+    their identities are computed first, so that workers do not hash the data again. Returns the file and
+    each experiment's index in it (by ``id``)."""
     import cloudpickle
 
+    experiments = list({id(r.experiment): r.experiment for r in pending}.values())
+    folder = pending[0].experiment.store.dir / ".work"
     folder.mkdir(parents=True, exist_ok=True)
-    fd, path = tempfile.mkstemp(dir=folder, prefix="experiment-", suffix=".pkl")
+    fd, path = tempfile.mkstemp(dir=folder, prefix="experiments-", suffix=".pkl")
     with os.fdopen(fd, "wb") as f:
-        cloudpickle.dump(experiment, f)
-    return Path(path)
+        cloudpickle.dump(experiments, f)
+    return Path(path), {id(exp): i for i, exp in enumerate(experiments)}
 
 
 def _worker_gpus(experiment, jobs: int) -> list:
@@ -273,10 +324,9 @@ def _worker_gpus(experiment, jobs: int) -> list:
     return [ids[i % len(ids)] for i in range(jobs)]
 
 
-def _run_workers(experiment, pending, how, display) -> dict:
-    work = experiment.store.dir / ".work"
-    payload = _payload(experiment, work)
-    gpus = _worker_gpus(experiment, how.jobs)
+def _run_workers(pending, how, display) -> dict:
+    payload, index = _payload(pending)
+    gpus = _worker_gpus(pending[0].experiment, how.jobs)
     queue, running, failures = list(pending), {}, {}
     env = dict(os.environ, OMP_NUM_THREADS=str(how.threads), MKL_NUM_THREADS=str(how.threads),
                PYTHONPATH=_import_path())
@@ -286,11 +336,12 @@ def _run_workers(experiment, pending, how, display) -> dict:
             while queue and len(running) < how.jobs:
                 slot = min(set(range(how.jobs)) - {s for s, *_ in running.values()})
                 r = queue.pop(0)
+                work = r.experiment.store.dir / ".work"
                 progress, log = work / f"{r.name}.progress.json", work / f"{r.name}.log"
                 progress.unlink(missing_ok=True)
                 job = work / f"{r.name}.job.pkl"
-                _dump(job, dict(payload=str(payload), label=r.label, optimizer=r.optimizer, seed=r.seed,
-                                options=r.options, threads=how.threads, progress=str(progress)))
+                _dump(job, dict(payload=str(payload), experiment=index[id(r.experiment)], label=r.label,
+                                optimizer=r.optimizer, seed=r.seed, options=r.options, threads=how.threads, progress=str(progress)))
                 worker_env = env if gpus[slot] is None else dict(env, CUDA_VISIBLE_DEVICES=gpus[slot])
                 with open(log, "w") as out:
                     proc = subprocess.Popen([sys.executable, "-m", "companion.runner", str(job)], env=worker_env,
@@ -308,6 +359,7 @@ def _run_workers(experiment, pending, how, display) -> dict:
                 if proc.returncode == 0:
                     display.finished(name)
                     log.unlink(missing_ok=True)
+                    progress.unlink(missing_ok=True)
                 else:
                     failures[name] = f"{_exit_reason(proc.returncode)}: {_last_error(log)} (log: {log})"
                     display.finished(name, failures[name])
@@ -382,7 +434,7 @@ def train_one(job: dict) -> str:
     if threads:
         torch.set_num_threads(int(threads))
     with open(job["payload"], "rb") as f:
-        experiment = cloudpickle.load(f)
+        experiment = cloudpickle.load(f)[job["experiment"]]
     if torch.device(experiment.device).type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("the experiment trains on CUDA and this job sees no GPU (ask for one: gpus_per_node)")
     experiment.progress = False
@@ -393,15 +445,15 @@ def train_one(job: dict) -> str:
 
 
 # ------------------------------------------------------------------- slurm
-def _run_slurm(experiment, pending, how, display) -> dict:
+def _run_slurm(pending, how, display) -> dict:
     """One submitit job per run; waits for all of them, showing their progress."""
     import submitit
 
-    work = experiment.store.dir / ".work"
-    payload = _payload(experiment, work)
+    experiment = pending[0].experiment
+    payload, index = _payload(pending)
     options = dict(how.slurm)
     cluster = options.pop("cluster", None)  # 'local' or 'debug': submitit's stand-ins for SLURM
-    executor = submitit.AutoExecutor(folder=work / "submitit" / "%j", cluster=cluster)
+    executor = submitit.AutoExecutor(folder=experiment.store.dir / ".work" / "submitit" / "%j", cluster=cluster)
     options.setdefault("name", f"lossgrad-{experiment.notebook}")
     if how.threads:
         options.setdefault("cpus_per_task", how.threads)
@@ -412,11 +464,11 @@ def _run_slurm(experiment, pending, how, display) -> dict:
     jobs, failures, submitted = {}, {}, []
     with executor.batch():  # one job array on SLURM
         for r in pending:
-            progress = work / f"{r.name}.progress.json"
+            progress = r.experiment.store.dir / ".work" / f"{r.name}.progress.json"
             progress.unlink(missing_ok=True)
             submitted.append((r.name, progress, executor.submit(train_one, dict(
-                payload=str(payload), label=r.label, optimizer=r.optimizer, seed=r.seed, options=r.options,
-                threads=how.threads, progress=str(progress)))))
+                payload=str(payload), experiment=index[id(r.experiment)], label=r.label, optimizer=r.optimizer,
+                seed=r.seed, options=r.options, threads=how.threads, progress=str(progress)))))
     for name, progress, job in submitted:
         jobs[name] = (job, progress)
         display.started(name, f"job {job.job_id}")
@@ -441,6 +493,7 @@ def _run_slurm(experiment, pending, how, display) -> dict:
         for job, _ in jobs.values():  # interrupted: cancel what is still queued or running
             with contextlib.suppress(Exception):
                 job.cancel()
+        payload.unlink(missing_ok=True)
     return failures
 
 
@@ -448,7 +501,7 @@ def _run_slurm(experiment, pending, how, display) -> dict:
 class Display:
     """Progress of a notebook's runs: tqdm bars (widgets in JupyterLab), or text lines when headless."""
 
-    def __init__(self, notebook: str, runs: list, pending: list, how: Execution):
+    def __init__(self, notebook: str, runs: list, pending: list, how: Execution, bars: bool = True):
         self.notebook, self.how = notebook, how
         self.total, self.pending = len({r.name for r in runs}), {r.name: r for r in pending}
         self.done = self.total - len(pending)
@@ -458,7 +511,7 @@ class Display:
         self.bars = {}
         self.epochs_told = {}
         self.file = os.environ.get(HEADLESS_ENV)
-        self.headless = bool(self.file) or os.environ.get("LOSSGRAD_PROGRESS") == "text"
+        self.headless = headless()
         self.overall = None
         if how.executor != "local":
             where = f"{how.executor}: one job per run"
@@ -468,7 +521,7 @@ class Display:
         if pending:
             self._line(f"{notebook}: {_plural(self.total, 'run')}, {self.done} stored, {len(pending)} to train "
                        f"({where})", notebook_too=True)
-        if pending and not self.headless:
+        if pending and bars and not self.headless:
             from tqdm.auto import tqdm
 
             self.overall = tqdm(total=self.total, initial=self.done, desc=f"{notebook} runs", unit="run")

@@ -341,6 +341,14 @@ class RunStore:
                 return result
         return None
 
+    def why_missing(self, name: str, config: dict) -> str:
+        """Why run ``name`` is not stored under ``config`` (absent, or which entries of its identity changed)."""
+        path = self.path(name)
+        if not path.exists():
+            return "it is not stored"
+        old = torch.load(path, weights_only=False)
+        return "its identity changed since it was stored: " + identity_changes(old.get("config", {}), config)
+
     def get(self, name: str, config: dict, compute: Callable[[Path], dict]) -> dict:
         """Under the run's lock: two processes (workers, notebooks) never train the same run; the
         second waits and then loads what the first stored."""
@@ -459,8 +467,11 @@ class Experiment:
         """Train one (optimizer, options, seed) run, or load it if it already finished.
 
         Returns ``dict(label, optimizer, options, seed, epochs=[per-epoch metrics],
-        steps=dict(loss, lr, ratio), diverged, seconds, device, torch, extra)``."""
-        return self._run(label, optimizer, seed, options)
+        steps=dict(loss, lr, ratio), diverged, seconds, device, torch, extra)``. Trains like
+        :meth:`run_all` (progress, executor), but an error it raises reaches the caller as it is."""
+        from .runner import run_all
+
+        return run_all(self, [(label, optimizer, seed, dict(options))], jobs=self.jobs, executor=self.executor)[0]
 
     def run_name(self, label: str, seed: int) -> str:
         """The file name of a run in the store."""
@@ -612,7 +623,9 @@ class _NoBar:
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
-    if not enabled:
+    from .runner import headless
+
+    if not enabled or headless():  # run_all.sh: no bar frozen into the executed notebook
         return _NoBar()
     from tqdm.auto import tqdm
 

@@ -25,6 +25,10 @@ def test_help_explains_profiles_selection_and_overrides():
     (["--bogus"], "unknown option"),
     (["99_none"], "no notebook matches"),
     (["-p", "epochs"], "-p needs NAME and VALUE"),
+    (["--jobs", "0"], "--jobs needs a positive whole number"),
+    (["--threads", "two"], "--threads needs a positive whole number"),
+    (["--executor", "ray"], "--executor must be local or slurm"),
+    (["--slurm", "partition"], "--slurm needs KEY=VALUE"),
 ])
 def test_bad_arguments_are_refused_with_a_reason(args, message):
     result = run_all(*args)
@@ -40,6 +44,20 @@ def test_smoke_run_of_one_notebook_reports_a_table_and_keeps_outputs_out_of_the_
     assert (tmp_path / "smoke" / "notebooks" / nb.name).exists()
     assert (tmp_path / "smoke" / "figures").iterdir()
     assert nb.read_bytes() == before
+
+
+def test_parallel_smoke_run_streams_per_run_progress_without_kernel_warnings(tmp_path):
+    """--jobs 2: a line per run event in the terminal (run, epoch, metric, runs done, ETA); the kernel
+    talks over IPC, so no 'running over TCP without encryption' warning."""
+    result = run_all("--profile", "smoke", "--jobs", "2", "04", env={"LOSSGRAD_RUNS": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout + result.stderr
+    assert "04_fmnist_autoencoder: 8 runs, 0 stored, 8 to train (2 worker processes, 1 torch thread(s) each)" in out
+    assert "LOSSGRAD-seed0: epoch 2/2, test_loss" in out and "ETA" in out
+    assert "L4-seed0: done  [runs" in out
+    assert "TCP" not in out and "Warning" not in out
+    stored = {p.stem for p in (tmp_path / "smoke" / "04_fmnist_autoencoder").glob("*.pt")}
+    assert {"LOSSGRAD-seed0", "L4-seed0", "SGD_lr=2-seed0", "WNGrad-seed0"} <= stored
 
 
 def test_a_failing_notebook_gives_a_non_zero_exit_and_the_table_says_so(tmp_path):

@@ -50,9 +50,9 @@ def data():
     return C.data.synthetic_mnist(n_train=200, n_test=100, seed=0)
 
 
-def experiment(data, model_fn=small_net, task=None, **kwargs):
+def experiment(data, model_fn=small_net, task=None, progress=False, **kwargs):
     return Experiment("runner_test", "smoke", data["train"], data["test"], task or Classification(), model_fn,
-                      epochs=2, batch_size=50, device=torch.device("cpu"), progress=False, **kwargs)
+                      epochs=2, batch_size=50, device=torch.device("cpu"), progress=progress, **kwargs)
 
 
 METHODS = [("sgd", "sgd", dict(lr=0.1)), ("lossgrad", "lossgrad", dict(lr=0.05)),
@@ -76,6 +76,24 @@ def test_two_workers_give_the_serial_results_bitwise(data, tmp_path, monkeypatch
     same_runs(serial, parallel)
     assert len(list(exp.store.dir.glob("*.pt"))) == 6  # each run landed in the store
     assert not list(exp.store.dir.glob("*.ckpt"))
+
+
+def test_runs_of_several_experiments_share_one_pool_of_workers(data, tmp_path, monkeypatch):
+    wide = lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 24), nn.Tanh(), nn.Linear(24, 10))  # noqa: E731
+    wide.__name__ = "wide_net"
+    serial = [experiment(data, jobs=1).run_all(METHODS[:2], seeds=[0]),
+              experiment(data, model_fn=wide, jobs=1).run_all(METHODS[2:], seeds=[0, 1])]
+    monkeypatch.setenv("LOSSGRAD_RUNS", str(tmp_path / "together"))
+    together = runner.run_together([(experiment(data), METHODS[:2], [0]),
+                                    (experiment(data, model_fn=wide), METHODS[2:], [0, 1])], jobs=2)
+    for a, b in zip(serial, together):
+        same_runs(a, b)
+
+
+def test_two_experiments_may_not_store_different_runs_under_one_name(data):
+    with pytest.raises(ValueError, match="different labels"):
+        runner.run_together([(experiment(data), METHODS[:1], [0]),
+                             (experiment(data), [("sgd", "sgd", dict(lr=0.2))], [0])])
 
 
 def test_a_rerun_loads_instead_of_training(data, capsys):
@@ -223,6 +241,11 @@ def test_busy_cores_sees_a_busy_core():
 
 
 # ------------------------------------------------------------------ progress
+def test_a_single_run_raises_its_own_error(data):
+    with pytest.raises(RuntimeError, match="this run is broken"):
+        experiment(data, task=FailingTask()).run("sgd", "sgd", 1, lr=0.1)
+
+
 def test_headless_progress_names_the_run_its_epoch_and_the_eta(data, tmp_path, monkeypatch, capsys):
     log = tmp_path / "progress.log"
     monkeypatch.setenv(runner.HEADLESS_ENV, str(log))
@@ -253,7 +276,9 @@ def test_jupyter_progress_has_a_bar_per_run_and_one_for_the_notebook(data, monke
             pass
 
     monkeypatch.setattr("tqdm.auto.tqdm", Bar)
-    experiment(data, jobs=1).run_all(METHODS[:2], seeds=[0])
-    assert [b.desc for b in made] == ["runner_test runs", "sgd-seed0", "lossgrad-seed0"]
+    experiment(data, jobs=1, progress=False).run_all(METHODS[:2], seeds=[0])
+    assert made == []  # Experiment(progress=False): no bars
+    experiment(data, jobs=1, progress=True).run_all(METHODS[:2], seeds=[1])
+    assert [b.desc for b in made] == ["runner_test runs", "sgd-seed1", "lossgrad-seed1"]
     assert made[0].n == 2 and made[0].total == 2
     assert [b.n for b in made[1:]] == [8, 8]  # 2 epochs x 4 batches each

@@ -9,11 +9,14 @@ unencrypted, as it does for every notebook otherwise."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import uuid
 
 import papermill
 import yaml
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import default
 
 
@@ -23,6 +26,13 @@ class IPCKernelManager(AsyncKernelManager):
     @default("transport")
     def _default_transport(self) -> str:
         return "ipc" if sys.platform != "win32" else "tcp"  # no Unix sockets there
+
+    def _ip_default(self) -> str:  # the sockets' path prefix: Jupyter's runtime folder, not the notebook's
+        if self.transport != "ipc":
+            return super()._ip_default()
+        folder = jupyter_runtime_dir()
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        return os.path.join(folder, f"lossgrad-kernel-{uuid.uuid4().hex[:12]}-ipc")
 
 
 def main() -> None:
