@@ -329,7 +329,7 @@ def _run_workers(pending, how, display) -> dict:
     gpus = _worker_gpus(pending[0].experiment, how.jobs)
     queue, running, failures = list(pending), {}, {}
     env = dict(os.environ, OMP_NUM_THREADS=str(how.threads), MKL_NUM_THREADS=str(how.threads),
-               PYTHONPATH=_import_path())
+               PYTHONPATH=_import_path(), LOSSGRAD_PARENT_PID=str(os.getpid()))
     env.pop(HEADLESS_ENV, None)
     try:
         while queue or running:
@@ -344,7 +344,7 @@ def _run_workers(pending, how, display) -> dict:
                                 optimizer=r.optimizer, seed=r.seed, options=r.options, threads=how.threads, progress=str(progress)))
                 worker_env = env if gpus[slot] is None else dict(env, CUDA_VISIBLE_DEVICES=gpus[slot])
                 with open(log, "w") as out:
-                    proc = subprocess.Popen([sys.executable, "-m", "companion.runner", str(job)], env=worker_env,
+                    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(job)], env=worker_env,
                                             stdout=out, stderr=subprocess.STDOUT, cwd=os.getcwd())
                 running[r.name] = (slot, proc, progress, log)
                 display.started(r.name)
@@ -603,10 +603,32 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-if __name__ == "__main__":  # a local worker: python -m companion.runner JOB.pkl
+# A local worker's entry: it asks to die with its parent (Linux's PR_SET_PDEATHSIG) before the slow imports, so
+# that a kernel killed outright (SIGKILL, a crash: no ``finally`` runs) takes its workers with it instead of
+# leaving them training unseen; a worker's checkpoint stays and its lock goes with it. Then it trains its job.
+WORKER = """
+import ctypes, os, signal, sys
+parent = int(os.environ["LOSSGRAD_PARENT_PID"])
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux; elsewhere it fails)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != parent:  # the parent died before prctl
+    sys.exit(1)
+from companion.runner import work
+work(sys.argv[1])
+"""
+
+
+def work(job_file: str) -> None:
+    """Trains the job pickled in ``job_file`` (a local worker; see ``WORKER``)."""
     import cloudpickle
 
-    with open(sys.argv[1], "rb") as handle:
+    with open(job_file, "rb") as handle:
         job = cloudpickle.load(handle)
-    Path(sys.argv[1]).unlink(missing_ok=True)
+    Path(job_file).unlink(missing_ok=True)
     train_one(job)
+
+
+if __name__ == "__main__":  # python -m companion.runner JOB.pkl: a worker started by an earlier release
+    work(sys.argv[1])

@@ -282,3 +282,43 @@ def test_jupyter_progress_has_a_bar_per_run_and_one_for_the_notebook(data, monke
     assert [b.desc for b in made] == ["runner_test runs", "sgd-seed1", "lossgrad-seed1"]
     assert made[0].n == 2 and made[0].total == 2
     assert [b.n for b in made[1:]] == [8, 8]  # 2 epochs x 4 batches each
+
+
+def test_workers_stop_when_their_kernel_is_killed(data, tmp_path):
+    """A kernel killed with SIGKILL (no finally runs) takes its workers with it (Linux)."""
+    import signal
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    script = tmp_path / "kernel.py"
+    script.write_text(f"""
+import sys, torch
+sys.path.insert(0, {str(runner.REPO)!r})
+import companion as C
+from torch import nn
+data = C.data.synthetic_mnist(n_train=20000, n_test=100, seed=0)
+def net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.Tanh(), nn.Linear(256, 10))
+exp = C.train.Experiment("killed", "smoke", data["train"], data["test"], C.train.Classification(), net,
+                         epochs=50, batch_size=10, device=torch.device("cpu"), progress=False, jobs=2)
+exp.run_all([("sgd", "sgd", dict(lr=0.01))], seeds=[0, 1])
+""")
+    env = dict(os.environ, LOSSGRAD_RUNS=str(tmp_path / "runs"), LOSSGRAD_THREADS="1")
+    kernel = subprocess.Popen([sys.executable, str(script)], env=env)
+    work = tmp_path / "runs" / "smoke" / "killed" / ".work"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(work.glob("*.progress.json"))) < 2:  # both training
+        time.sleep(0.2)
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(kernel.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    assert len(workers) == 2
+    kernel.send_signal(signal.SIGKILL)
+    kernel.wait()
+    time.sleep(2)
+    alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and
+             open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert alive == []
