@@ -102,7 +102,7 @@ if [ "$profile" = smoke ]; then
   export LOSSGRAD_THREADS="${LOSSGRAD_THREADS:-1}"
 fi
 if [ ${#slurm[@]} -gt 0 ]; then
-  export LOSSGRAD_SLURM="$(IFS=,; echo "${slurm[*]}")"
+  export LOSSGRAD_SLURM="$(printf '%s\n' "${slurm[@]}")"  # one per line: a value may hold commas
   [ "${LOSSGRAD_EXECUTOR:-}" = slurm ] || echo "note: --slurm options apply with --executor slurm" >&2
 fi
 
@@ -124,6 +124,7 @@ for nb in "${notebooks[@]}"; do
   progress="$runs/logs/$name.progress" ; : > "$progress"
   tail -n +1 -F "$progress" 2>/dev/null &   # the runs' progress lines, as the kernel writes them
   follower=$!
+  trap 'kill "$follower" 2>/dev/null' EXIT  # Ctrl-C too: no tail left printing
   LOSSGRAD_PROGRESS_FILE="$progress" "$PY" tools/execute_notebook.py "$nb" "$executed" --cwd notebooks \
       --kernel python3 --parameters "{profile: $profile, $yaml}" --no-progress-bar 2> >(tee "$log" >&2)
   status=$?

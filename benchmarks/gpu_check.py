@@ -118,10 +118,9 @@ def check_epoch_ratio(device: torch.device, model_fn=M.resnet56, n: int = 50_000
 
 
 def check_data_on_device(device: torch.device, model_fn=M.resnet56, n: int = 50_000, batch: int = 128) -> dict:
-    """An SGD epoch with the data on the device against per-batch copies from pinned host memory."""
+    """An SGD epoch with the data on the device against per-batch copies from host memory (as ``fit`` does
+    when the data stay on the host: each batch is gathered on the host, then copied)."""
     host = synthetic_cifar(n, torch.device("cpu"))
-    if device.type == "cuda":
-        host = tuple(t.pin_memory() for t in host)
     on_device = tuple(t.to(device) for t in host)
     torch.manual_seed(0)
     model = model_fn().to(device)
@@ -135,7 +134,9 @@ def check_data_on_device(device: torch.device, model_fn=M.resnet56, n: int = 50_
 
 
 def check_resume(device: torch.device, model_fn=M.resnet56, n: int = 2048, batch: int = 128) -> dict:
-    """Two epochs straight against one epoch, a checkpoint, and the second resumed: same parameters?"""
+    """Two epochs straight against one epoch, a checkpoint, and the second resumed in a fresh model and
+    optimizer: the same weights, norm buffers and step size h? (A resume that restarted from scratch
+    or lost the optimizer's state would differ.)"""
     deterministic = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     train = synthetic_cifar(n, torch.device("cpu"))
@@ -152,19 +153,25 @@ def check_resume(device: torch.device, model_fn=M.resnet56, n: int = 2048, batch
                     opt = LossGrad(model.parameters(), lr=1e-2)
                     T.fit(model, opt, task, train, test, epochs=epochs, batch_size=batch, device=device,
                           checkpoint=checkpoint, eval_train=False, progress=False)
-                finals.append(torch.cat([p.detach().flatten().cpu() for p in model.parameters()]))
+                state = [t.detach().float().flatten().cpu() for t in model.state_dict().values()]
+                finals.append(torch.cat(state + [torch.tensor([float(opt.param_groups[0]["lr"])])]))
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic
     gap = (finals[0] - finals[1]).abs().max().item()
-    return dict(check="resume", ok=gap == 0.0, result="bitwise equal" if gap == 0 else f"max |diff| {gap:.3g}")
+    return dict(check="resume", ok=gap == 0.0, result="bitwise equal (weights, buffers, h)" if gap == 0
+                else f"max |diff| {gap:.3g}")
 
 
 def check_notebook_jobs(jobs: int = 2, notebook: str = "04") -> dict:
     """``./run_all.sh --profile smoke --jobs 2 04`` into a scratch run store."""
     with tempfile.TemporaryDirectory() as runs:
         tic = time.perf_counter()
-        proc = subprocess.run([str(REPO / "run_all.sh"), "--profile", "smoke", "--jobs", str(jobs), notebook],
-                              env=dict(os.environ, LOSSGRAD_RUNS=runs), capture_output=True, text=True)
+        try:
+            proc = subprocess.run([str(REPO / "run_all.sh"), "--profile", "smoke", "--jobs", str(jobs), notebook],
+                                  env=dict(os.environ, LOSSGRAD_RUNS=runs), capture_output=True, text=True,
+                                  timeout=300)
+        except subprocess.TimeoutExpired:
+            return dict(check=f"{jobs}-job notebook", ok=False, result="no result in 300 s")
         seconds = time.perf_counter() - tic
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
     return dict(check=f"{jobs}-job notebook", ok=proc.returncode == 0,

@@ -46,9 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .baselines import make_optimizer
-from .train import (REPORT_SECONDS, Batch, Experiment, batches, device_name, evaluate, seed_everything, step_size,
-                    tensors_digest, train_step)
+from .train import REPORT_SECONDS, Batch, Experiment, batches, evaluate, step_size, tensors_digest, train_step
 
 __all__ = ["log_grid", "minimise_log", "along", "trained_parameters", "mean_loss", "mean_gradient", "measure",
            "trace_fit", "trace_steps", "TraceExperiment", "FinalTrainMetrics", "PROFILES"]
@@ -351,27 +349,13 @@ class TraceExperiment(Experiment):
             raise ValueError(f"a trace measures LOSSGRAD's step sizes: optimizer must be 'lossgrad', got {optimizer!r}")
         super().check(optimizer, options)
 
-    def _run(self, label: str, optimizer: str, seed: int, options: dict,
-             report: Optional[Callable[[dict], None]] = None) -> dict:
-        # Experiment._run with trace_fit in place of fit (the runner calls _run, in this process or a worker)
-        self.check(optimizer, options)
-        config = self.identity(optimizer, seed, **options)
-
-        def compute(checkpoint) -> dict:
-            seed_everything(seed)
-            model = self.model_fn(**(self.model_options or {})).to(self.device)
-            opt, _ = make_optimizer(optimizer, model.parameters(), epochs=self.epochs, **options)
-            train_data, test_data = self._data_on_device()
-            history = trace_fit(model, opt, self.task, train_data, test_data, self.full_data, epochs=self.epochs,
-                                batch_size=self.batch_size, device=self.device, seed=seed, at=self.at,
-                                search=self.search, eval_batch_size=self.eval_batch_size, profiles=self.profiles,
-                                report=report)
-            extra = self.on_finish(model) if self.on_finish is not None else {}
-            return dict(history, extra=extra, device=device_name(self.device), torch=torch.__version__)
-
-        result = self.store.get(self.run_name(label, seed), config, compute)
-        result.update(label=label, optimizer=optimizer, options=options, seed=seed)
-        return result
+    def train(self, model, optimizer, scheduler, train_data, test_data, *, seed, checkpoint, report, desc) -> dict:
+        # Experiment.train with trace_fit in place of fit: the store, identity and executors stay Experiment's
+        if scheduler is not None:
+            raise ValueError("a measured run takes no learning-rate schedule (trace_fit steps no scheduler)")
+        return trace_fit(model, optimizer, self.task, train_data, test_data, self.full_data, epochs=self.epochs,
+                         batch_size=self.batch_size, device=self.device, seed=seed, at=self.at, search=self.search,
+                         eval_batch_size=self.eval_batch_size, profiles=self.profiles, report=report)
 
 
 class FinalTrainMetrics:

@@ -4,7 +4,9 @@
 through the same :class:`~companion.train.RunStore`: a stored run is loaded, not trained; a run is trained
 under its lock (two workers or two notebooks never train the same run); its result lands on disk as soon
 as it finishes; a killed run resumes from its checkpoint. The executor is execution, not science: it is
-not part of any run's identity, and on the CPU a run's numbers do not depend on it (tested bitwise).
+not part of any run's identity, and on the CPU a run's numbers do not depend on it given the same torch
+threads per process (tested bitwise; the thread count itself can change the last bits of CPU results, and
+the conditions line of a notebook states it).
 
 Executors (``jobs``/``executor`` on the Experiment, else ``$LOSSGRAD_JOBS``/``$LOSSGRAD_EXECUTOR``; or
 ``./run_all.sh --jobs N --executor slurm``):
@@ -14,11 +16,11 @@ Executors (``jobs``/``executor`` on the Experiment, else ``$LOSSGRAD_JOBS``/``$L
   worker slot i sees only GPU i mod the GPU count, as ``cuda``). A worker that fails or dies (out of memory, a segfault) is reported with its
   run, its reason and its log; the other runs go on, and ``run_all`` raises :class:`RunsFailed` at the
   end naming every failed run.
-* ``slurm``: each run is a SLURM job submitted with submitit (``$LOSSGRAD_SLURM``: ``key=value,...`` of
-  submitit's parameters, e.g. ``slurm_partition=gpu,timeout_min=240,gpus_per_node=1``); the run store
-  must be on a filesystem the nodes share (``$LOSSGRAD_RUNS``). The notebook waits for the jobs, then
-  draws. submitit's ``local`` and ``debug`` clusters (``$LOSSGRAD_SLURM=cluster=local``) run the same
-  code on this machine, which is how it is tested.
+* ``slurm``: each run is a SLURM job submitted with submitit (``$LOSSGRAD_SLURM``: ``key=value`` items of
+  submitit's parameters, one per line or comma-separated, e.g. ``slurm_partition=gpu,timeout_min=240,
+  gpus_per_node=1``; ``timeout_min`` is required); the run store must be on a filesystem the nodes share
+  (``$LOSSGRAD_RUNS``). The notebook waits for the jobs, then draws. ``cluster=local`` runs the same code
+  as local subprocesses (all at once), which is how it is tested.
 
 Threads: a CPU worker gets ``usable cores // jobs`` torch threads (``$LOSSGRAD_THREADS`` overrides).
 Two processes that both use every core make each other 100x slower (``benchmarks/threads.py``: a
@@ -35,8 +37,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -84,23 +88,29 @@ def usable_cores() -> int:
 
 
 def busy_cores(seconds: float = 0.3) -> int:
-    """Cores that other processes keep busy now: the machine's CPU time over ``seconds`` while this
-    process sleeps, rounded to whole cores (Linux's /proc/stat; 0 where it cannot be read)."""
+    """Of the cores this process may use, how many other processes keep busy now: their CPU time over
+    ``seconds`` while this process sleeps, from Linux's per-CPU lines of /proc/stat (0 where it cannot be
+    read), half a core or more counting as one."""
 
-    def sample():
+    def sample() -> tuple:
         with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
+            rows = [line.split() for line in f if line.startswith("cpu") and line[3].isdigit()]
+        times = {int(row[0][3:]): [int(v) for v in row[1:9]] for row in rows}  # user … steal (not guest)
+        return times
 
     try:
-        total0, idle0 = sample()
+        mine = os.sched_getaffinity(0)
+        before = sample()
         time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
+        after = sample()
+    except (OSError, ValueError, IndexError, AttributeError):
         return 0
-    if total1 <= total0:
-        return 0
-    return round((1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1))
+    busy = 0.0
+    for cpu in mine & set(before) & set(after):
+        total = sum(after[cpu]) - sum(before[cpu])
+        idle = after[cpu][3] + after[cpu][4] - before[cpu][3] - before[cpu][4]
+        busy += (1 - idle / total) if total > 0 else 0.0
+    return math.floor(busy + 0.5)
 
 
 def default_jobs() -> int:
@@ -134,23 +144,32 @@ def execution(jobs: Optional[int] = None, executor: Optional[str] = None, thread
 
 
 def parse_slurm_options(text: str) -> dict:
-    """``"slurm_partition=gpu,timeout_min=240"`` -> ``{"slurm_partition": "gpu", "timeout_min": 240}``."""
+    """submitit parameters from ``key=value`` items, one per line (as run_all.sh passes them) or separated by
+    commas on one line: ``"slurm_partition=gpu,timeout_min=240"`` -> ``{"slurm_partition": "gpu",
+    "timeout_min": 240}``. On separate lines a value may hold commas (``slurm_exclude=n1,n2``)."""
+    items = text.splitlines() if "\n" in text.strip() else text.split(",")
     options = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in filter(None, (part.strip() for part in items)):
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"$LOSSGRAD_SLURM takes key=value pairs separated by commas, got {item!r}")
-        options[key.strip()] = _number_or_text(value.strip())
+        if not sep or not key.strip():
+            raise ValueError(f"$LOSSGRAD_SLURM takes key=value items, got {item!r}")
+        options[key.strip()] = _value(value.strip())
     return options
 
 
-def _number_or_text(value: str):
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
+def _value(text: str):
+    """A number (no leading zeros: ``0123`` stays text), true/false, a ``[list]`` (YAML), else the text."""
+    if re.fullmatch(r"-?(0|[1-9]\d*)", text):
+        return int(text)
+    if re.fullmatch(r"-?(0|[1-9]\d*)?\.\d+([eE][-+]?\d+)?|-?[1-9]\d*[eE][-+]?\d+", text):
+        return float(text)
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text.startswith("["):
+        import yaml
+
+        return yaml.safe_load(text)
+    return text
 
 
 def _setting(name, value, env, kind):
@@ -209,7 +228,7 @@ def run_together(batches: list, jobs: Optional[int] = None, executor: Optional[s
 
 
 def _execute(groups: list, jobs, executor) -> list:
-    how = execution(jobs, executor)
+    execution(jobs, executor, threads=1)  # bad settings fail at once, even when nothing trains
     planned = [_plan(experiment, specs) for experiment, specs in groups]
     unique = {}
     for r in (r for runs in planned for r in runs):  # a run asked for twice trains once
@@ -223,13 +242,15 @@ def _execute(groups: list, jobs, executor) -> list:
     if pending and os.environ.get(STORED_ONLY_ENV) == "1":
         missing = "; ".join(f"{r.experiment.store.dir / r.name}: {r.experiment.store.why_missing(r.name, r.config)}"
                             for r in pending)
-        raise StoredRunMissing(f"{missing}; ${STORED_ONLY_ENV}=1 forbids training {'it' if len(pending) == 1 else 'them'}")
+        raise StoredRunMissing(f"{missing}; ${STORED_ONLY_ENV}=1 forbids training "
+                               f"{'it' if len(pending) == 1 else 'them'}")
+    if not pending:
+        return _results(planned, stored)
+    how = execution(jobs, executor)  # it measures the busy cores: only when something trains
     display = Display(groups[0][0].notebook, unique, pending, how,
                       bars=all(exp.progress for exp, _ in groups))
     try:
-        if not pending:
-            failures = {}
-        elif how.executor == "slurm":
+        if how.executor == "slurm":
             failures = _run_slurm(pending, how, display)
         elif how.jobs == 1:
             failures = _run_here(pending, how, display, catch=len(unique) > 1)
@@ -239,6 +260,10 @@ def _execute(groups: list, jobs, executor) -> list:
         display.close()
     if failures:
         raise RunsFailed(failures)
+    return _results(planned, stored)
+
+
+def _results(planned: list, stored: dict) -> list:
     results = []
     for runs in planned:
         results.append([])
@@ -281,18 +306,18 @@ def _run_here(pending, how, display, catch: bool = True) -> dict:
     failures = {}
     with _torch_threads(how.threads):
         for r in pending:
-            display.started(r.name)
+            display.started(r.key)
             try:
-                r.experiment._run(r.label, r.optimizer, r.seed, r.options,
-                                report=lambda info, name=r.name: display.update(name, info))
+                r.experiment._run(r.label, r.optimizer, r.seed, r.options, config=r.config,
+                                  report=lambda info, key=r.key: display.update(key, info))
             except Exception as err:  # the other runs go on; KeyboardInterrupt stops everything
                 if not catch:
                     raise
                 failures[r.name] = f"{type(err).__name__}: {err}"
-                display.finished(r.name, failures[r.name])
+                display.finished(r.key, failures[r.name])
                 traceback.print_exc()
             else:
-                display.finished(r.name)
+                display.finished(r.key)
     return failures
 
 
@@ -305,7 +330,7 @@ def _payload(pending) -> tuple:
     import cloudpickle
 
     experiments = list({id(r.experiment): r.experiment for r in pending}.values())
-    folder = pending[0].experiment.store.dir / ".work"
+    folder = _work_dir(pending[0].experiment)
     folder.mkdir(parents=True, exist_ok=True)
     fd, path = tempfile.mkstemp(dir=folder, prefix="experiments-", suffix=".pkl")
     with os.fdopen(fd, "wb") as f:
@@ -316,12 +341,19 @@ def _payload(pending) -> tuple:
 def _worker_gpus(experiment, jobs: int) -> list:
     """The GPU each worker slot sees as its only one (``CUDA_VISIBLE_DEVICES``), or None on the CPU:
     then the notebook's ``cuda`` tensors and devices (an augmentation's constants) mean that GPU."""
-    if torch.device(experiment.device).type != "cuda" or not torch.cuda.is_available():
-        return [None] * jobs
+    device = torch.device(experiment.device)
+    if device.type != "cuda" or device.index is not None or not torch.cuda.is_available():
+        return [None] * jobs  # the CPU, or the one GPU the notebook chose (cuda:1): every worker uses it
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else \
         [str(i) for i in range(torch.cuda.device_count())]
     return [ids[i % len(ids)] for i in range(jobs)]
+
+
+def _work_dir(experiment) -> Path:
+    """This process's scratch folder beside the run store (jobs, logs, progress): two notebooks running
+    the same store (run_all.sh and JupyterLab) never share a file; the runs' locks keep them apart."""
+    return experiment.store.dir / ".work" / str(os.getpid())
 
 
 def _run_workers(pending, how, display) -> dict:
@@ -336,39 +368,43 @@ def _run_workers(pending, how, display) -> dict:
             while queue and len(running) < how.jobs:
                 slot = min(set(range(how.jobs)) - {s for s, *_ in running.values()})
                 r = queue.pop(0)
-                work = r.experiment.store.dir / ".work"
+                work = _work_dir(r.experiment)
                 progress, log = work / f"{r.name}.progress.json", work / f"{r.name}.log"
                 progress.unlink(missing_ok=True)
                 job = work / f"{r.name}.job.pkl"
                 _dump(job, dict(payload=str(payload), experiment=index[id(r.experiment)], label=r.label,
-                                optimizer=r.optimizer, seed=r.seed, options=r.options, threads=how.threads, progress=str(progress)))
+                                optimizer=r.optimizer, seed=r.seed, options=r.options, config=r.config,
+                                threads=how.threads, progress=str(progress)))
                 worker_env = env if gpus[slot] is None else dict(env, CUDA_VISIBLE_DEVICES=gpus[slot])
                 with open(log, "w") as out:
                     proc = subprocess.Popen([sys.executable, "-c", WORKER, str(job)], env=worker_env,
                                             stdout=out, stderr=subprocess.STDOUT, cwd=os.getcwd())
-                running[r.name] = (slot, proc, progress, log)
-                display.started(r.name)
+                running[r.key] = (slot, proc, progress, log, r)
+                display.started(r.key)
             time.sleep(0.5)
-            for name, (slot, proc, progress, log) in list(running.items()):
+            for key, (slot, proc, progress, log, r) in list(running.items()):
                 info = _read_json(progress)
                 if info:
-                    display.update(name, info)
+                    display.update(key, info)
                 if proc.poll() is None:
                     continue
-                del running[name]
+                del running[key]
                 if proc.returncode == 0:
-                    display.finished(name)
+                    display.finished(key)
                     log.unlink(missing_ok=True)
                     progress.unlink(missing_ok=True)
                 else:
-                    failures[name] = f"{_exit_reason(proc.returncode)}: {_last_error(log)} (log: {log})"
-                    display.finished(name, failures[name])
+                    failures[r.name] = f"{_exit_reason(proc.returncode)}: {_last_error(log)} (log: {log})"
+                    display.finished(key, failures[r.name])
     finally:
-        for _, proc, _, _ in running.values():  # interrupted: stop the workers; checkpoints stay
+        for _, proc, *_ in running.values():  # interrupted: stop the workers; checkpoints stay
             proc.terminate()
-        for _, proc, _, _ in running.values():
+        for _, proc, *_ in running.values():
             proc.wait()
         payload.unlink(missing_ok=True)
+        for folder in {_work_dir(r.experiment) for r in pending}:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # when empty: logs of failed runs stay
     return failures
 
 
@@ -382,7 +418,10 @@ def _exit_reason(code: int) -> str:
     if code < 0:
         import signal
 
-        name = signal.Signals(-code).name
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
         return f"the worker was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
     return f"the worker exited with status {code}"
 
@@ -440,74 +479,103 @@ def train_one(job: dict) -> str:
     experiment.progress = False
     progress = Path(job["progress"])
     experiment._run(job["label"], job["optimizer"], job["seed"], job["options"],
-                    report=lambda info: _write_json(progress, info))
+                    report=lambda info: _write_json(progress, info), config=job.get("config"))
     return experiment.run_name(job["label"], job["seed"])
 
 
 # ------------------------------------------------------------------- slurm
 def _run_slurm(pending, how, display) -> dict:
-    """One submitit job per run; waits for all of them, showing their progress."""
+    """One submitit job per run (a SLURM job array); waits for all of them, showing their progress."""
+    import shutil
+
     import submitit
 
     experiment = pending[0].experiment
-    payload, index = _payload(pending)
     options = dict(how.slurm)
-    cluster = options.pop("cluster", None)  # 'local' or 'debug': submitit's stand-ins for SLURM
-    executor = submitit.AutoExecutor(folder=experiment.store.dir / ".work" / "submitit" / "%j", cluster=cluster)
+    cluster = options.pop("cluster", None)
+    if cluster not in (None, "slurm", "local"):
+        raise ValueError(f"cluster={cluster!r}: the slurm executor runs on SLURM, or on submitit's 'local' "
+                         "cluster (subprocesses on this machine) to try it out")
+    if cluster is None and shutil.which("sbatch") is None:
+        raise ValueError("--executor slurm: no SLURM here (sbatch is not on PATH). Run it on a login node, or pass "
+                         "--slurm cluster=local to try the same code path on this machine")
+    if "timeout_min" not in options:  # submitit's default kills a run after a few minutes
+        raise ValueError("--executor slurm needs the longest time a run may take: --slurm timeout_min=MINUTES")
+    payload, index = _payload(pending)
+    work = _work_dir(experiment)
+    threads = how.threads or (max(1, usable_cores() // len(pending)) if cluster == "local" else None)
+    executor = submitit.AutoExecutor(folder=work / "submitit" / "%j", cluster=cluster)
     options.setdefault("name", f"lossgrad-{experiment.notebook}")
-    if how.threads:
+    if how.threads and cluster != "local":
         options.setdefault("cpus_per_task", how.threads)
-    if cluster not in ("local", "debug"):
-        options.setdefault("slurm_setup", [f"export PYTHONPATH={_import_path()}"])
+    if cluster != "local":
+        options.setdefault("slurm_setup", [f"export PYTHONPATH={shlex.quote(_import_path())}"])
     executor.update_parameters(**options)
-    os.environ["PYTHONPATH"] = _import_path()  # submitit's local jobs inherit this environment
     jobs, failures, submitted = {}, {}, []
-    with executor.batch():  # one job array on SLURM
-        for r in pending:
-            progress = r.experiment.store.dir / ".work" / f"{r.name}.progress.json"
-            progress.unlink(missing_ok=True)
-            submitted.append((r.name, progress, executor.submit(train_one, dict(
-                payload=str(payload), experiment=index[id(r.experiment)], label=r.label, optimizer=r.optimizer,
-                seed=r.seed, options=r.options, threads=how.threads, progress=str(progress)))))
-    for name, progress, job in submitted:
-        jobs[name] = (job, progress)
-        display.started(name, f"job {job.job_id}")
+    with _environ(PYTHONPATH=_import_path()):  # local jobs start at submission and inherit the environment
+        with executor.batch():  # one job array on SLURM
+            for r in pending:
+                progress = work / f"{r.name}.progress.json"
+                progress.unlink(missing_ok=True)
+                submitted.append((r, progress, executor.submit(train_one, dict(
+                    payload=str(payload), experiment=index[id(r.experiment)], label=r.label, optimizer=r.optimizer,
+                    seed=r.seed, options=r.options, config=r.config, threads=threads,
+                    progress=str(progress)))))
+    for r, progress, job in submitted:
+        jobs[r.key] = (job, progress, r)
+        display.started(r.key, f"job {job.job_id}")
     try:
         while jobs:
             time.sleep(1.0)
-            for name, (job, progress) in list(jobs.items()):
+            for key, (job, progress, r) in list(jobs.items()):
                 info = _read_json(progress)
                 if info:
-                    display.update(name, info)
-                if not job.done():
-                    continue
-                del jobs[name]
+                    display.update(key, info)
                 try:
+                    if not job.done():
+                        continue
+                    del jobs[key]
                     job.result()
                 except Exception as err:
-                    failures[name] = f"job {job.job_id}: {_exception_line(str(err))} (logs: {job.paths.folder})"
-                    display.finished(name, failures[name])
+                    jobs.pop(key, None)
+                    failures[r.name] = f"job {job.job_id}: {_exception_line(str(err))} (logs: {job.paths.folder})"
+                    display.finished(key, failures[r.name])
                 else:
-                    display.finished(name)
+                    display.finished(key)
     finally:
-        for job, _ in jobs.values():  # interrupted: cancel what is still queued or running
+        for job, *_ in jobs.values():  # interrupted: cancel what is still queued or running
             with contextlib.suppress(Exception):
                 job.cancel()
         payload.unlink(missing_ok=True)
     return failures
 
 
+@contextlib.contextmanager
+def _environ(**values):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 # ---------------------------------------------------------------- progress
 class Display:
-    """Progress of a notebook's runs: tqdm bars (widgets in JupyterLab), or text lines when headless."""
+    """Progress of a notebook's runs: tqdm bars (widgets in JupyterLab), or text lines when headless.
+    Runs are keyed by ``_Run.key`` (store folder, name) and shown by name."""
 
     def __init__(self, notebook: str, runs: list, pending: list, how: Execution, bars: bool = True):
         self.notebook, self.how = notebook, how
-        self.total, self.pending = len({r.name for r in runs}), {r.name: r for r in pending}
+        self.total, self.pending = len({r.key for r in runs}), {r.key: r for r in pending}
         self.done = self.total - len(pending)
         self.failed = 0
         self.start = time.monotonic()
-        self.work = {}  # name -> (steps done at first report, steps done now)
+        self.work = {}  # key -> (steps done when this training started, steps done now)
         self.bars = {}
         self.epochs_told = {}
         self.file = os.environ.get(HEADLESS_ENV)
@@ -526,36 +594,37 @@ class Display:
 
             self.overall = tqdm(total=self.total, initial=self.done, desc=f"{notebook} runs", unit="run")
 
-    def started(self, name: str, where: str = "") -> None:
+    def started(self, key: tuple, where: str = "") -> None:
+        name = self.pending[key].name
         self._line(f"{name}: started{' (' + where + ')' if where else ''}")
         if self.overall is not None:
             from tqdm.auto import tqdm
 
-            r = self.pending[name]
-            self.bars[name] = tqdm(total=r.steps, desc=name, unit="step", leave=False, mininterval=1.0)
+            self.bars[key] = tqdm(total=self.pending[key].steps, desc=name, unit="step", leave=False, mininterval=1.0)
 
-    def update(self, name: str, info: dict) -> None:
-        self.work[name] = (info.get("start_step", info["step"]), info["step"])
-        bar = self.bars.get(name)
+    def update(self, key: tuple, info: dict) -> None:
+        self.work[key] = (info.get("start_step", info["step"]), info["step"])
+        bar = self.bars.get(key)
         if bar is not None:
             bar.update(info["step"] - bar.n)
             bar.set_postfix_str(f"epoch {info['epoch']}/{info['epochs']}" + _metrics(info), refresh=False)
-        if self.headless and info["epoch"] > self.epochs_told.get(name, 0):  # a line per finished epoch
-            self.epochs_told[name] = info["epoch"]
-            self._line(f"{name}: epoch {info['epoch']}/{info['epochs']}{_metrics(info)}  [{self._summary()}]")
+        if self.headless and info["epoch"] > self.epochs_told.get(key, 0):  # a line per finished epoch
+            self.epochs_told[key] = info["epoch"]
+            self._line(f"{self.pending[key].name}: epoch {info['epoch']}/{info['epochs']}{_metrics(info)}  "
+                       f"[{self._summary()}]")
 
-    def finished(self, name: str, error: str = "") -> None:
-        bar = self.bars.pop(name, None)
+    def finished(self, key: tuple, error: str = "") -> None:
+        bar = self.bars.pop(key, None)
         if bar is not None:
             bar.close()
-        r = self.pending[name]
-        self.work[name] = (self.work.get(name, (0, 0))[0], r.steps)
+        r = self.pending[key]
+        self.work[key] = (self.work.get(key, (0, 0))[0], r.steps)
         if error:
             self.failed += 1
-            self._line(f"{name}: FAILED: {error}", notebook_too=True)
+            self._line(f"{r.name}: FAILED: {error}", notebook_too=True)
         else:
             self.done += 1
-            self._line(f"{name}: done  [{self._summary()}]", notebook_too=self.headless)
+            self._line(f"{r.name}: done  [{self._summary()}]", notebook_too=self.headless)
         if self.overall is not None:
             self.overall.update(1)
 
@@ -576,7 +645,7 @@ class Display:
         elapsed = time.monotonic() - self.start
         if trained <= 0 or elapsed < 1:
             return None
-        remaining = sum(r.steps - self.work.get(name, (0, 0))[1] for name, r in self.pending.items())
+        remaining = sum(r.steps - self.work.get(key, (0, 0))[1] for key, r in self.pending.items())
         return max(0.0, remaining) * elapsed / trained
 
     def _line(self, text: str, notebook_too: bool = False) -> None:

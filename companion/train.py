@@ -49,6 +49,9 @@ RUN_CODE_VERSION = 1
 STORED_ONLY_ENV = "LOSSGRAD_STORED_ONLY"
 
 
+# The data sets of the last experiment that trained on a GPU, moved there once (Experiment._data_on_device).
+_ON_DEVICE: dict = {}
+
 # How often fit() reports progress within an epoch (seconds).
 REPORT_SECONDS = 2.0
 
@@ -363,15 +366,23 @@ class RunStore:
             yield
             return
         with open(self.dir / f".{self.path(name).stem}.lock", "a") as handle:
+            lock = fcntl.flock
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 print(f"{name}: another process is training it; waiting for it to finish", flush=True)
-                fcntl.flock(handle, fcntl.LOCK_EX)
+                lock(handle, fcntl.LOCK_EX)
+            except OSError:  # a filesystem without flock (Lustre, some NFS mounts): POSIX record locks
+                lock = fcntl.lockf
+                try:
+                    lock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    print(f"{name}: another process is training it; waiting for it to finish", flush=True)
+                    lock(handle, fcntl.LOCK_EX)
             try:
                 yield
             finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                lock(handle, fcntl.LOCK_UN)
 
     def _get(self, name: str, config: dict, compute: Callable[[Path], dict]) -> dict:
         path, digest = self.path(name), config_digest(config)
@@ -468,7 +479,8 @@ class Experiment:
 
         Returns ``dict(label, optimizer, options, seed, epochs=[per-epoch metrics],
         steps=dict(loss, lr, ratio), diverged, seconds, device, torch, extra)``. Trains like
-        :meth:`run_all` (progress, executor), but an error it raises reaches the caller as it is."""
+        :meth:`run_all` (progress, executor); trained in this process (``jobs=1``), an error it raises reaches the
+        caller as it is, and from a worker or a job as :class:`companion.runner.RunsFailed`."""
         from .runner import run_all
 
         return run_all(self, [(label, optimizer, seed, dict(options))], jobs=self.jobs, executor=self.executor)[0]
@@ -482,20 +494,20 @@ class Experiment:
         make_optimizer(optimizer, [torch.zeros(1, requires_grad=True)], epochs=self.epochs, **options)
 
     def _run(self, label: str, optimizer: str, seed: int, options: dict,
-             report: Optional[Callable[[dict], None]] = None) -> dict:
-        self.check(optimizer, options)
-        config = self.identity(optimizer, seed, **options)
+             report: Optional[Callable[[dict], None]] = None, config: Optional[dict] = None) -> dict:
+        """Trains (or loads) one run in this process. ``config``: its identity as the caller computed it (a
+        worker gets its kernel's: a function defined in a notebook cell has no source file to hash there)."""
+        if config is None:
+            self.check(optimizer, options)
+            config = self.identity(optimizer, seed, **options)
 
         def compute(checkpoint: Path) -> dict:
             seed_everything(seed)
             model = self.model_fn(**(self.model_options or {})).to(self.device)
             opt, scheduler = make_optimizer(optimizer, model.parameters(), epochs=self.epochs, **options)
             train_data, test_data = self._data_on_device()
-            history = fit(model, opt, self.task, train_data, test_data, epochs=self.epochs,
-                          batch_size=self.batch_size, device=self.device, seed=seed, scheduler=scheduler,
-                          augment=self.augment, checkpoint=checkpoint, eval_train=self.eval_train,
-                          eval_batch_size=self.eval_batch_size, progress=self.progress, desc=f"{label} seed {seed}",
-                          report=report)
+            history = self.train(model, opt, scheduler, train_data, test_data, seed=seed, checkpoint=checkpoint,
+                                 report=report, desc=f"{label} seed {seed}")
             extra = self.on_finish(model) if self.on_finish is not None else {}
             return dict(history, extra=extra, device=device_name(self.device), torch=torch.__version__)
 
@@ -503,20 +515,31 @@ class Experiment:
         result.update(label=label, optimizer=optimizer, options=options, seed=seed)
         return result
 
+    def train(self, model: nn.Module, optimizer, scheduler, train_data: Batch, test_data: Batch, *, seed: int,
+              checkpoint: Path, report: Optional[Callable[[dict], None]], desc: str) -> dict:
+        """How one run trains: :func:`fit` with this experiment's settings. A subclass that trains differently
+        (measuring along the way, say) overrides this and keeps the rest: store, identity, executors."""
+        return fit(model, optimizer, self.task, train_data, test_data, epochs=self.epochs,
+                   batch_size=self.batch_size, device=self.device, seed=seed, scheduler=scheduler,
+                   augment=self.augment, checkpoint=checkpoint, eval_train=self.eval_train,
+                   eval_batch_size=self.eval_batch_size, progress=self.progress, desc=desc, report=report)
+
     def _data_on_device(self) -> tuple:
         """The data sets on the training device when they fit (moved once, kept for every run of this
         process), else where they are: each batch then moves on its own. The values are the same."""
         device = torch.device(self.device)
         if device.type == "cpu" or self.data_on_device is False:
             return self.train_data, self.test_data
-        cache = self.__dict__.setdefault("_on_device", {})
-        if str(device) not in cache:
+        key = (str(device), *(id(t) for t in (*self.train_data, *self.test_data)))
+        if _ON_DEVICE.get("key") != key:  # one copy per process, shared by experiments on the same data
+            _ON_DEVICE.clear()
             size = sum(t.numel() * t.element_size() for t in (*self.train_data, *self.test_data))
             fits = self.data_on_device or (device.type == "cuda" and size < torch.cuda.mem_get_info(device)[0] / 4)
-            cache.clear()  # one device's copy at a time
-            cache[str(device)] = tuple(tuple(t.to(device) for t in data) for data in (self.train_data, self.test_data)) \
-                if fits else (self.train_data, self.test_data)
-        return cache[str(device)]
+            data = (self.train_data, self.test_data)
+            _ON_DEVICE.update(key=key, data=tuple(tuple(t.to(device) for t in d) for d in data) if fits else data,
+                              sources=data)  # holds the tensors whose ids make the key
+
+        return _ON_DEVICE["data"]
 
     def run_all(self, methods, seeds) -> list:
         """Every ``(label, optimizer, options)`` of ``methods`` with every seed of ``seeds``: the results in
@@ -529,11 +552,6 @@ class Experiment:
         return run_all(self, [(label, optimizer, seed, dict(options))
                               for label, optimizer, options in methods for seed in seeds],
                        jobs=self.jobs, executor=self.executor)
-
-    def __getstate__(self):  # pickled for worker processes: without the device copies of the data
-        state = dict(self.__dict__)
-        state.pop("_on_device", None)
-        return state
 
     def _data_digest(self, field: str) -> str:
         cache = self.__dict__.setdefault("_digests", {})

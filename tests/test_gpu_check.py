@@ -38,7 +38,7 @@ def test_epoch_ratio_and_data_on_device_rows():
 
 def test_resume_is_bitwise_on_the_cpu():
     row = gpu_check.check_resume(CPU, tiny_cnn, n=128, batch=32)
-    assert row == dict(check="resume", ok=True, result="bitwise equal")
+    assert row == dict(check="resume", ok=True, result="bitwise equal (weights, buffers, h)")
 
 
 def test_resume_check_can_fail(monkeypatch):

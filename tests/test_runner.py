@@ -12,7 +12,8 @@ import companion as C
 from companion import runner
 from companion.train import Classification, Experiment
 
-# Functions below are pickled by value (cloudpickle) into the workers, as a notebook's would be.
+# This module is importable by the workers (pytest puts tests/ on the path, the runner passes its path on),
+# so cloudpickle ships its functions by reference; a notebook's go by value: see notebook_function().
 
 
 def small_net():
@@ -94,6 +95,30 @@ def test_two_experiments_may_not_store_different_runs_under_one_name(data):
     with pytest.raises(ValueError, match="different labels"):
         runner.run_together([(experiment(data), METHODS[:1], [0]),
                              (experiment(data), [("sgd", "sgd", dict(lr=0.2))], [0])])
+
+
+def notebook_function(source: str, name: str):
+    """A function as a notebook cell defines it: in __main__-like globals, its source known to this process
+    only (IPython keeps cells in linecache, which a worker process does not have)."""
+    import linecache
+
+    cell = f"<ipython-input-{name}>"
+    linecache.cache[cell] = (len(source), None, source.splitlines(True), cell)
+    namespace = {"__name__": "__main__", "torch": torch, "nn": nn}
+    exec(compile(source, cell, "exec"), namespace)
+    return namespace[name]
+
+
+def test_a_notebook_defined_augmentation_trains_in_workers(data, tmp_path, monkeypatch):
+    """Its source cannot be read in a worker (no file): the run's identity comes from the kernel."""
+    augment = notebook_function("def augment(batch, generator):\n"
+                                "    x, y = batch\n"
+                                "    return x + 0.01 * torch.randn(x.shape, generator=generator), y\n", "augment")
+    net = notebook_function("def net():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))\n", "net")
+    serial = experiment(data, model_fn=net, augment=augment, jobs=1).run_all(METHODS[:2], seeds=[0])
+    monkeypatch.setenv("LOSSGRAD_RUNS", str(tmp_path / "workers"))
+    parallel = experiment(data, model_fn=net, augment=augment, jobs=2).run_all(METHODS[:2], seeds=[0])
+    same_runs(serial, parallel)
 
 
 def test_a_rerun_loads_instead_of_training(data, capsys):
@@ -183,7 +208,7 @@ def test_the_submitit_executor_runs_each_run_as_a_job(data, tmp_path, monkeypatc
     exp = experiment(data, executor="slurm")
     jobs = exp.run_all(METHODS[:2], seeds=[0])
     same_runs(serial, jobs)
-    assert list((exp.store.dir / ".work" / "submitit").iterdir())  # submitit's job folders
+    assert list((exp.store.dir / ".work").glob("*/submitit/*"))  # submitit's job folders
 
 
 def test_the_submitit_executor_reports_a_failed_job(data, monkeypatch):
@@ -194,6 +219,30 @@ def test_the_submitit_executor_reports_a_failed_job(data, monkeypatch):
         exp.run_all(METHODS[:1], seeds=[0, 1])
     assert list(failed.value.failures) == ["sgd-seed1"]
     assert "this run is broken" in failed.value.failures["sgd-seed1"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ("cluster=debug,timeout_min=10", "runs on SLURM, or on submitit's 'local'"),
+    ("cluster=local", "timeout_min"),
+])
+def test_the_submitit_executor_refuses_what_would_fail_later(data, monkeypatch, options, message):
+    monkeypatch.setenv("LOSSGRAD_SLURM", options)
+    with pytest.raises(ValueError, match=message):
+        experiment(data, executor="slurm").run_all(METHODS[:1], seeds=[0])
+
+
+def test_the_submitit_executor_needs_slurm_or_the_local_cluster(data, monkeypatch):
+    monkeypatch.setenv("LOSSGRAD_SLURM", "timeout_min=10")
+    monkeypatch.setenv("PATH", "/nonexistent")  # no sbatch
+    with pytest.raises(ValueError, match="no SLURM here"):
+        experiment(data, executor="slurm").run_all(METHODS[:1], seeds=[0])
+
+
+def test_slurm_options_one_per_line_may_hold_commas():
+    assert runner.parse_slurm_options("slurm_exclude=n1,n2\ntimeout_min=240\nslurm_account=0123\n") == \
+        {"slurm_exclude": "n1,n2", "timeout_min": 240, "slurm_account": "0123"}
+    assert runner.parse_slurm_options("mem_gb=7.5\nslurm_srun_args=[--cpu-bind, none]\nx=true") == \
+        {"mem_gb": 7.5, "slurm_srun_args": ["--cpu-bind", "none"], "x": True}
 
 
 # ------------------------------------------------------------------ settings

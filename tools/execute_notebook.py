@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
-import uuid
+import tempfile
 
 import papermill
 import yaml
 from jupyter_client.manager import AsyncKernelManager
-from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import default
 
 
@@ -27,12 +27,13 @@ class IPCKernelManager(AsyncKernelManager):
     def _default_transport(self) -> str:
         return "ipc" if sys.platform != "win32" else "tcp"  # no Unix sockets there
 
-    def _ip_default(self) -> str:  # the sockets' path prefix: Jupyter's runtime folder, not the notebook's
+    def _ip_default(self) -> str:  # the sockets' path prefix: a private folder, not the notebook's
         if self.transport != "ipc":
             return super()._ip_default()
-        folder = jupyter_runtime_dir()
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        return os.path.join(folder, f"lossgrad-kernel-{uuid.uuid4().hex[:12]}-ipc")
+        return os.path.join(SOCKETS, "kernel")  # short: a Unix socket's path holds at most ~107 bytes
+
+
+SOCKETS = tempfile.mkdtemp(prefix="lg-")  # /tmp/lg-XXXXXXXX: mode 0700, removed at exit
 
 
 def main() -> None:
@@ -44,9 +45,12 @@ def main() -> None:
     parser.add_argument("--parameters", default="{}", help="YAML mapping of the parameters cell's names")
     parser.add_argument("--no-progress-bar", action="store_true")
     args = parser.parse_args()
-    papermill.execute_notebook(args.input, args.output, parameters=yaml.safe_load(args.parameters) or {},
-                               kernel_name=args.kernel, cwd=args.cwd, progress_bar=not args.no_progress_bar,
-                               kernel_manager_class=IPCKernelManager)
+    try:
+        papermill.execute_notebook(args.input, args.output, parameters=yaml.safe_load(args.parameters) or {},
+                                   kernel_name=args.kernel, cwd=args.cwd, progress_bar=not args.no_progress_bar,
+                                   kernel_manager_class=IPCKernelManager)
+    finally:
+        shutil.rmtree(SOCKETS, ignore_errors=True)
 
 
 if __name__ == "__main__":
