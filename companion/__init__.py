@@ -6,9 +6,10 @@
 - ``companion.train``: the training loop, tasks, run store (resume, skip finished runs)
 - ``companion.runner``: where runs train (this process, worker processes, SLURM jobs), with progress
 - ``companion.probes``: LOSSGRAD's probe on fresh or eval-mode dropout masks (notebook 08)
+- ``companion.linesearch``: exact minimisers along a direction, measured along a run (notebook 10)
 - ``companion.report``: figures and tables with the paper's numbers beside ours
 - ``companion.profiles``: smoke / quick / paper, and where each one's outputs go
 - ``companion.quadratic``: the 2-D quadratic of Section 3 (notebook 00)
 """
 
-from . import baselines, data, models, probes, profiles, quadratic, report, runner, train  # noqa: F401
+from . import baselines, data, linesearch, models, probes, profiles, quadratic, report, runner, train  # noqa: F401
