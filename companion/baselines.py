@@ -11,8 +11,10 @@ the end of it (``scheduler.step()`` after the epoch's last batch).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import weakref
 from typing import Callable, Iterable
 
 import torch
@@ -28,6 +30,11 @@ __all__ = [
     "OPTIMIZER_NAMES",
     "make_optimizer",
     "adam_steps",
+    "PEER_NAMES",
+    "PeerOptimizer",
+    "EvaluationWeights",
+    "last_iterate",
+    "peer_versions",
 ]
 
 
@@ -311,16 +318,28 @@ def make_optimizer(name: str, params, **options) -> tuple[Optimizer, LRScheduler
                      factors [()]: lr multiplied by each factor once that many epochs finished
                      (the WAE paper's "original" optimizer: lr 1e-3, beta1 0.5, (30, 50), (0.5, 0.2))
       lossgrad       every option passed straight to lossgrad.LossGrad
+    Today's learning-rate-free peers (``PEER_NAMES``; notebook 09), each its package's class with every option
+    passed on (the package's defaults otherwise), behind a :class:`PeerOptimizer` that logs its step size:
+      dadapt_sgd, dadapt_adam   dadaptation.DAdaptSGD, DAdaptAdam (the package says: lr=1.0, its default)
+      prodigy                   prodigyopt.Prodigy (lr=1.0, its default)
+      dog, ldog                 dog.DoG, LDoG + averaging [True] with dog.PolynomialDecayAverager (averaging_gamma
+                                [8.0]); returned with an :class:`EvaluationWeights` (the average is evaluated)
+      sgd_schedulefree, adamw_schedulefree
+                                schedulefree.SGDScheduleFree, AdamWScheduleFree; returned with an
+                                :class:`EvaluationWeights` (``optimizer.eval()`` before every evaluation)
     ``epochs`` is accepted (and ignored) by every name, so a notebook can pass it
     uniformly. Any other unknown option is a TypeError (catches typos).
     """
+    if name in PEERS:
+        return _make_peer(name, params, options)
     if name == "lossgrad":
         from lossgrad import LossGrad  # lazy: repo-root module, imported only when asked for
         if "epochs" in options and not _takes_option(LossGrad, "epochs"):
             options.pop("epochs")
         return LossGrad(params, **options), None
     if name not in _ACCEPTED:
-        raise ValueError(f"unknown optimizer name {name!r}; valid names: {', '.join(OPTIMIZER_NAMES)}")
+        raise ValueError(f"unknown optimizer name {name!r}; valid names: "
+                         f"{', '.join(OPTIMIZER_NAMES + PEER_NAMES)}")
     unknown = set(options) - _ACCEPTED[name] - {"epochs"}
     if unknown:
         raise TypeError(f"make_optimizer({name!r}) got unknown option(s) {sorted(unknown)}; "
@@ -382,3 +401,325 @@ def adam_steps(params, lr: float = 1e-3, betas=(0.9, 0.999), weight_decay: float
         raise ValueError(f"need one factor per milestone, got milestones={milestones} and factors={factors}")
     opt = torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     return opt, LambdaLR(opt, _PiecewiseFactor(milestones, factors))
+
+
+# --------------------------------------------------------------------------------------
+# Today's learning-rate-free peers (notebook 09), from their own packages
+# --------------------------------------------------------------------------------------
+#
+# Each peer is the package's own optimizer class, built with the options given (every one of them passed on;
+# the package's defaults otherwise), behind a thin facade that only (a) reports the step size each step used in
+# ``param_groups[0]['lr']``, the companion's convention, read from the package's own state, and (b) puts the
+# weights the package says to evaluate (schedule-free's x, DoG's iterate average) into the model for evaluation.
+# The facade never changes what the package computes.
+
+# name -> (package on the index, module, class): the packages are pinned in requirements.txt
+PEERS = {
+    "dadapt_sgd": ("dadaptation", "dadaptation", "DAdaptSGD"),
+    "dadapt_adam": ("dadaptation", "dadaptation", "DAdaptAdam"),
+    "prodigy": ("prodigyopt", "prodigyopt", "Prodigy"),
+    "dog": ("dog-optimizer", "dog", "DoG"),
+    "ldog": ("dog-optimizer", "dog", "LDoG"),
+    "sgd_schedulefree": ("schedulefree", "schedulefree", "SGDScheduleFree"),
+    "adamw_schedulefree": ("schedulefree", "schedulefree", "AdamWScheduleFree"),
+}
+PEER_NAMES = tuple(PEERS)
+# options of the facade itself (DoG's iterate averaging), beside the package class's own
+_AVERAGING_OPTIONS = {"averaging", "averaging_gamma"}
+
+
+def peer_versions() -> dict:
+    """The installed version of every peer package (``{'dadaptation': '3.2', ...}``; None when missing): for the
+    conditions line of a notebook that uses them."""
+    from importlib import metadata
+
+    versions = {}
+    for package, _, _ in PEERS.values():
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def _peer_class(name: str):
+    import importlib
+
+    package, module, cls = PEERS[name]
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as err:
+        raise ImportError(f"make_optimizer({name!r}) needs the package {package!r} (pinned in requirements.txt: "
+                          f".venv/bin/pip install -r requirements.txt)") from err
+
+
+class PeerOptimizer(Optimizer):
+    """A learning-rate-free optimizer of another package (``inner``), seen by the companion's training loop as
+    every other optimizer is.
+
+    * ``step(closure=None, loss=None)`` runs ``inner.step()`` on the gradients in ``p.grad`` (a ``closure``,
+      torch's convention, is called first when ``loss`` is None) and then writes the step size that step used
+      into ``param_groups[0]['lr']`` (``reports_step_size_after_step``, as WNGrad and L4): the value is read
+      from the package's state, see :meth:`used_step_size`. Writing ``lr`` here changes nothing: the inner
+      optimizer keeps its own ``lr`` (the multiplier its documentation says to leave at 1.0).
+    * ``zero_grad`` and ``step`` first put the training weights back (:meth:`use_training_weights`) when
+      :meth:`use_evaluation_weights` took them out; the latter is what the per-epoch object
+      :class:`EvaluationWeights` that ``make_optimizer`` returns with such a peer calls (``fit`` steps it at the
+      end of every epoch, right before it evaluates).
+    * ``state_dict``/``load_state_dict`` hold the inner optimizer's and the facade's own state: a run resumed
+      from a checkpoint continues as it would have.
+    """
+
+    reports_step_size_after_step = True
+
+    def __init__(self, inner: Optimizer):
+        params = [p for group in inner.param_groups for p in group["params"]]
+        super().__init__(params, dict(lr=0.0))  # lr: the step size of the last step (0.0 before the first)
+        self.inner = inner
+
+    # -- what each package calls its step size
+    def _before_step(self):
+        """What :meth:`used_step_size` needs from before the step (the package's state is updated by it)."""
+        return None
+
+    def used_step_size(self, before):
+        """The step size the last step used, from the package's own state (float or 0-dim tensor)."""
+        raise NotImplementedError
+
+    # -- evaluation weights (overridden by schedule-free and DoG)
+    def use_evaluation_weights(self) -> None:
+        """Put the weights the package says to evaluate into the parameters (default: the trained ones)."""
+
+    def use_training_weights(self) -> None:
+        """Put the weights training continues from back into the parameters (undoes the call above)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.use_training_weights()
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None,
+             loss: torch.Tensor | float | None = None):
+        """One step of the inner optimizer; ``param_groups[0]['lr']`` is then the step size it used."""
+        self.use_training_weights()
+        if loss is None and closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        before = self._before_step()
+        self.inner.step()
+        used = self.used_step_size(before)
+        for group in self.param_groups:
+            group["lr"] = used
+        self._after_step()
+        return loss
+
+    def _after_step(self) -> None:
+        pass
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(), "lr": self.param_groups[0]["lr"], **self._extra_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.inner.load_state_dict(state_dict["inner"])
+        for group in self.param_groups:
+            group["lr"] = state_dict["lr"]
+        self._load_extra_state(state_dict)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "inner", None) is not None:
+            raise RuntimeError(f"{type(self).__name__}: add the group to the inner optimizer's package class "
+                               "before wrapping it (the facade mirrors its parameters once)")
+        super().add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r})"
+
+
+class DAdaptationPeer(PeerOptimizer):
+    """D-Adaptation (``DAdaptSGD``, ``DAdaptAdam``) and Prodigy: the step size is the packages' ``dlr``, the
+    value their own logging reports as "the learning rate being used (d*lr)": ``d·lr/‖g₀‖`` for DAdaptSGD (its
+    step is ``dlr·g``), ``d·lr`` (times Adam's bias correction when ``use_bias_correction``) for DAdaptAdam and
+    Prodigy (their step is ``dlr·m/√v``: Adam's lr), with the ``d`` and ``k`` before the step (the step
+    updates them after using them)."""
+
+    def _before_step(self):
+        group = self.inner.param_groups[0]
+        return group["d"], group["k"]
+
+    def used_step_size(self, before):
+        d, k = before
+        group = self.inner.param_groups[0]
+        lr = max(g["lr"] for g in self.inner.param_groups)
+        if type(self.inner).__name__ == "DAdaptSGD":
+            g0 = group.get("g0_norm", math.nan)
+            return d * lr / g0 if g0 else math.nan
+        if group.get("use_bias_correction"):
+            beta1, beta2 = group["betas"]
+            lr = lr * (1 - beta2 ** (k + 1)) ** 0.5 / (1 - beta1 ** (k + 1))
+        return d * lr
+
+
+class ScheduleFreePeer(PeerOptimizer):
+    """Schedule-free SGD and AdamW: the gradient is taken at y, the weights to evaluate are x. As the package
+    says, ``optimizer.train()`` goes where ``model.train()`` is called and ``optimizer.eval()`` where
+    ``model.eval()`` is: here ``inner.eval()`` when an epoch ends, right before ``fit`` evaluates (and saves
+    its checkpoint: "in eval mode when storing checkpoints"), and ``inner.train()`` before the next step. The
+    step size is the package's ``scheduled_lr``: ``lr`` times the linear warm-up factor."""
+
+    def use_evaluation_weights(self) -> None:
+        self.inner.eval()
+
+    def use_training_weights(self) -> None:
+        self.inner.train()
+
+    def used_step_size(self, before):
+        return self.inner.param_groups[0]["scheduled_lr"]
+
+    @property
+    def evaluating(self) -> bool:
+        return not self.inner.param_groups[0]["train_mode"]
+
+
+class _Parameters(torch.nn.Module):
+    """The optimizer's parameters as a module, for ``dog.PolynomialDecayAverager`` (which averages a module)."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.params = torch.nn.ParameterList(params)
+
+
+class DoGPeer(PeerOptimizer):
+    """DoG and LDoG with the iterate averaging their README makes a condition of a fair comparison:
+    ``dog.PolynomialDecayAverager`` (its default γ = 8) stepped after every optimizer step. The averaged
+    iterate is the one evaluated (it replaces the weights when an epoch ends, and the last iterate comes back
+    before the next step, bitwise); :func:`last_iterate` gives the other one. ``averaging=False`` evaluates the
+    last iterate instead. The step size is DoG's ``eta`` (LDoG: the median of its per-tensor etas), a 0-dim
+    tensor (no host sync)."""
+
+    def __init__(self, inner: Optimizer, averaging: bool = True, averaging_gamma: float = 8.0):
+        super().__init__(inner)
+        self.averaging = bool(averaging)
+        self.averager = None
+        self._last = None  # the last iterate while the averaged one is in the parameters, else None
+        if self.averaging:
+            from dog import PolynomialDecayAverager
+
+            params = [p for group in self.param_groups for p in group["params"]]
+            self.averager = PolynomialDecayAverager(_Parameters(params), gamma=averaging_gamma)
+        _AVERAGING.add(self)
+
+    def used_step_size(self, before):
+        eta = self.inner.param_groups[0]["eta"]
+        if type(self.inner).__name__ == "LDoG":
+            return torch.stack([e.detach().reshape(()) for e in eta]).median()
+        return eta[0].detach().reshape(()).clone()
+
+    def _after_step(self) -> None:
+        if self.averager is not None:
+            self.averager.step()
+
+    def _params(self) -> list:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def use_evaluation_weights(self) -> None:
+        if self.averager is None or self._last is not None or self.averager.t == 1:  # nothing averaged yet
+            return
+        params = self._params()
+        self._last = [p.detach().clone() for p in params]
+        for p, a in zip(params, self.averager.averaged_model.parameters()):
+            p.copy_(a)
+
+    @torch.no_grad()
+    def use_training_weights(self) -> None:
+        if self._last is None:
+            return
+        for p, last in zip(self._params(), self._last):
+            p.copy_(last)
+        self._last = None
+
+    @property
+    def evaluating(self) -> bool:
+        return self._last is not None
+
+    def _extra_state(self) -> dict:
+        return {"averager": self.averager.state_dict() if self.averager is not None else None,
+                "last_iterate": self._last}
+
+    def _load_extra_state(self, state: dict) -> None:
+        if self.averager is not None and state.get("averager") is not None:
+            self.averager.load_state_dict(state["averager"])
+        last = state.get("last_iterate")
+        self._last = None if last is None else [t.to(p.device) for t, p in zip(last, self._params())]
+
+
+_AVERAGING: "weakref.WeakSet[DoGPeer]" = weakref.WeakSet()  # live averaging peers, for last_iterate
+
+
+@contextlib.contextmanager
+def last_iterate(model: torch.nn.Module):
+    """``with last_iterate(model) as found:`` the model holds DoG's last iterate inside the block when a live
+    averaging :class:`DoGPeer` trains it and has put the averaged iterate in (``found`` is True); the averaged
+    one is back after the block. Otherwise the model is left as it is and ``found`` is False. For an
+    ``Experiment``'s ``on_finish``: evaluating the last iterate beside the averaged one ``fit`` evaluated."""
+    first = next(iter(model.parameters()), None)
+    peer = next((o for o in list(_AVERAGING) if o.evaluating and first is not None
+                 and any(p is first for p in o._params())), None)
+    if peer is None:
+        yield False
+        return
+    averaged = [p.detach().clone() for p in peer._params()]
+    peer.use_training_weights()
+    try:
+        yield True
+    finally:
+        with torch.no_grad():
+            peer._last = [p.detach().clone() for p in peer._params()]
+            for p, a in zip(peer._params(), averaged):
+                p.copy_(a)
+
+
+class EvaluationWeights:
+    """The per-epoch object ``make_optimizer`` returns with a schedule-free or DoG peer, in the place of an LR
+    scheduler: ``fit`` steps it at the end of every epoch, right before it evaluates and checkpoints, and it
+    puts the weights the package says to evaluate into the model (schedule-free's x, DoG's average). The next
+    ``zero_grad``/``step`` puts the training weights back. It has no state of its own."""
+
+    def __init__(self, optimizer: PeerOptimizer):
+        self.optimizer = optimizer
+
+    def step(self) -> None:
+        self.optimizer.use_evaluation_weights()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
+def _make_peer(name: str, params, options: dict):
+    cls = _peer_class(name)
+    options = {k: v for k, v in options.items() if k != "epochs"}
+    own = {k: options.pop(k) for k in list(options) if k in _AVERAGING_OPTIONS}
+    if own and name not in ("dog", "ldog"):
+        raise TypeError(f"make_optimizer({name!r}) got unknown option(s) {sorted(own)} (only dog and ldog average)")
+    accepted = set(inspect.signature(cls).parameters) - {"params", "self"}
+    unknown = set(options) - accepted
+    if unknown:
+        own_options = _AVERAGING_OPTIONS if name in ("dog", "ldog") else set()
+        raise TypeError(f"make_optimizer({name!r}) got unknown option(s) {sorted(unknown)}; accepted (the "
+                        f"package's {cls.__name__}): {sorted(accepted | own_options | {'epochs'})}")
+    inner = cls(params, **options)
+    if name in ("sgd_schedulefree", "adamw_schedulefree"):
+        opt = ScheduleFreePeer(inner)
+        return opt, EvaluationWeights(opt)
+    if name in ("dog", "ldog"):
+        opt = DoGPeer(inner, **own)
+        return opt, EvaluationWeights(opt) if opt.averaging else None
+    return DAdaptationPeer(inner), None
