@@ -31,6 +31,7 @@ SHRINK = {  # per notebook: (quick overrides, paper overrides)
            dict(epochs=2, n_train=4, n_test=4, batch_size=4, adam_milestones=[1], adam_factors=[0.5])),  # scaled
     "08": (dict(n_train=16, n_test=8, batch_size=4, spike_window=1),
            dict(epochs=2, seeds=1, n_train=16, n_test=8, batch_size=4, spike_window=1, tail_epochs=1)),  # window scaled
+    "09": (dict(n_train=16, n_test=8), dict(epochs=2, seeds=1, n_train=16, n_test=8)),
     "10": (dict(n_train=16, n_test=8, n_full=16),
            dict(epochs=2, seeds=1, n_train=16, n_test=8, n_full=16, trace_seeds=1, trace_points=3)),
 }
