@@ -11,7 +11,8 @@ the conditions line of a notebook states it).
 Executors (``jobs``/``executor`` on the Experiment, else ``$LOSSGRAD_JOBS``/``$LOSSGRAD_EXECUTOR``; or
 ``./run_all.sh --jobs N --executor slurm``):
 
-* ``local``, ``jobs=1``: one run after another in this process (the CPU default).
+* ``local``, ``jobs=1``: one run after another in this process (the CPU default); also whenever a single
+  run is left to train, with every free core.
 * ``local``, ``jobs=N``: N runs at once, each in a fresh worker process (the GPU default: one per GPU;
   worker slot i sees only GPU i mod the GPU count, as ``cuda``). A worker that fails or dies (out of memory, a segfault) is reported with its
   run, its reason and its log; the other runs go on, and ``run_all`` raises :class:`RunsFailed` at the
@@ -22,7 +23,7 @@ Executors (``jobs``/``executor`` on the Experiment, else ``$LOSSGRAD_JOBS``/``$L
   (``$LOSSGRAD_RUNS``). The notebook waits for the jobs, then draws. ``cluster=local`` runs the same code
   as local subprocesses (all at once), which is how it is tested.
 
-Threads: a CPU worker gets ``usable cores // jobs`` torch threads (``$LOSSGRAD_THREADS`` overrides).
+Threads: a CPU worker gets ``usable cores // workers`` torch threads (workers: ``jobs``, or fewer runs) (``$LOSSGRAD_THREADS`` overrides).
 Two processes that both use every core make each other 100x slower (``benchmarks/threads.py``: a
 2-thread step beside a second 2-thread training process took 295 ms instead of 1.9 ms on this 2-core
 machine; one thread each, 3.1 ms), so the workers never add up to more threads than cores, and the
@@ -247,6 +248,8 @@ def _execute(groups: list, jobs, executor) -> list:
     if not pending:
         return _results(planned, stored)
     how = execution(jobs, executor)  # it measures the busy cores: only when something trains
+    if how.executor == "local" and how.jobs > len(pending):  # fewer runs than workers: the cores go to the runs
+        how = execution(len(pending), executor)
     display = Display(groups[0][0].notebook, unique, pending, how,
                       bars=all(exp.progress for exp, _ in groups))
     try:

@@ -149,7 +149,7 @@ def test_a_worker_resumes_a_checkpoint_left_by_a_killed_run(data, tmp_path, monk
     with pytest.raises(Killed):
         exp._run("lossgrad", "lossgrad", 0, dict(lr=0.05), report=one_epoch_then_die)
     assert checkpoint.exists()
-    resumed = exp.run_all(METHODS[1:2], seeds=[0])[0]
+    resumed = exp.run_all(METHODS[1:2], seeds=[0, 1])[0]  # two runs: two workers, one resuming
     same_runs([straight], [resumed])
 
 
@@ -293,6 +293,14 @@ def test_busy_cores_sees_a_busy_core():
 def test_a_single_run_raises_its_own_error(data):
     with pytest.raises(RuntimeError, match="this run is broken"):
         experiment(data, task=FailingTask()).run("sgd", "sgd", 1, lr=0.1)
+
+
+def test_a_single_pending_run_trains_here_with_every_core(data, monkeypatch, capsys):
+    monkeypatch.delenv("LOSSGRAD_THREADS")
+    monkeypatch.setattr(runner, "usable_cores", lambda: 2)
+    monkeypatch.setattr(runner, "busy_cores", lambda: 0)
+    experiment(data, jobs=2).run_all(METHODS[:1], seeds=[0])
+    assert "1 run, 0 stored, 1 to train (one at a time in this process, 2 torch thread(s) each)" in capsys.readouterr().out
 
 
 def test_headless_progress_names_the_run_its_epoch_and_the_eta(data, tmp_path, monkeypatch, capsys):
