@@ -366,7 +366,7 @@ exp.run_all([("sgd", "sgd", dict(lr=0.01))], seeds=[0, 1])
     kernel = subprocess.Popen([sys.executable, str(script)], env=env)
     work = tmp_path / "runs" / "smoke" / "killed" / ".work"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(work.glob("*.progress.json"))) < 2:  # both training
+    while time.time() < deadline and len(list(work.glob("*/*.progress.json"))) < 2:  # both training
         time.sleep(0.2)
     workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(kernel.pid)], capture_output=True,
                                               text=True).stdout.split()]
