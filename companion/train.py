@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import inspect
 import json
@@ -366,19 +367,7 @@ class RunStore:
             yield
             return
         with open(self.dir / f".{self.path(name).stem}.lock", "a") as handle:
-            lock = fcntl.flock
-            try:
-                lock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"{name}: another process is training it; waiting for it to finish", flush=True)
-                lock(handle, fcntl.LOCK_EX)
-            except OSError:  # a filesystem without flock (Lustre, some NFS mounts): POSIX record locks
-                lock = fcntl.lockf
-                try:
-                    lock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    print(f"{name}: another process is training it; waiting for it to finish", flush=True)
-                    lock(handle, fcntl.LOCK_EX)
+            lock = _lock_exclusively(handle, name)
             try:
                 yield
             finally:
@@ -401,6 +390,22 @@ class RunStore:
         atomic_save(result, path)
         checkpoint.unlink(missing_ok=True)
         return result
+
+
+def _lock_exclusively(handle, name: str):
+    """Takes an exclusive lock on ``handle``, waiting (and saying so) while another process holds it; returns
+    the locking function used: ``flock``, or POSIX record locks on filesystems without it (Lustre, some NFS)."""
+    for lock in (fcntl.flock, fcntl.lockf):
+        try:
+            lock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return lock
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                continue  # this kind of lock is not supported here
+            print(f"{name}: another process is training it; waiting for it to finish", flush=True)
+            lock(handle, fcntl.LOCK_EX)
+            return lock
+    raise OSError(f"{name}: no file locking works in {os.path.dirname(handle.name)}")
 
 
 def identity_changes(old: dict, new: dict) -> str:
