@@ -700,7 +700,3 @@ def work(job_file: str) -> None:
         job = cloudpickle.load(handle)
     Path(job_file).unlink(missing_ok=True)
     train_one(job)
-
-
-if __name__ == "__main__":  # python -m companion.runner JOB.pkl: a worker started by an earlier release
-    work(sys.argv[1])
