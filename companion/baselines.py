@@ -613,6 +613,22 @@ class DoGPeer(PeerOptimizer):
             self.averager = PolynomialDecayAverager(_Parameters(params), gamma=averaging_gamma)
         _AVERAGING.add(self)
 
+    def step(self, closure: Callable[[], torch.Tensor] | None = None,
+             loss: torch.Tensor | float | None = None):
+        """As :meth:`PeerOptimizer.step`, except after a non-finite loss: DoG's step would assert on its
+        gradient sum (``G > 0`` fails on NaN) and take the training loop down, so the step is skipped, its
+        step size logged as NaN, and the loop marks the run diverged at the epoch's end as for every other
+        optimizer. (DoG's assert reads G on the host every step anyway: this check adds no new kind of sync.)"""
+        self.use_training_weights()
+        if loss is None and closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if loss is not None and not math.isfinite(float(loss)):
+            for group in self.param_groups:
+                group["lr"] = math.nan
+            return loss
+        return super().step(loss=loss)
+
     def used_step_size(self, before):
         eta = self.inner.param_groups[0]["eta"]
         if type(self.inner).__name__ == "LDoG":

@@ -274,6 +274,19 @@ def test_the_step_size_of_every_peer_is_logged_by_fit(mnist_like):
         assert float(lr[-1]) == pytest.approx(float(opt.param_groups[0]["lr"]))
 
 
+@pytest.mark.parametrize("name", B.PEER_NAMES)
+def test_a_peer_whose_loss_turns_non_finite_ends_as_a_diverged_run(mnist_like, name):
+    """A NaN in a batch (as after a blow-up) must end the run as diverged, as for torch's optimizers, not raise
+    inside the package (DoG asserts on its gradient sum and took the notebook's whole round down)."""
+    images, labels = mnist_like["train"]
+    images = images.clone()
+    images[1::2] = math.nan  # every batch of 50 holds some
+    data = dict(mnist_like, train=(images, labels))
+    _, opt, history = run_fit(data, name, 2, **SMOKE_OPTIONS.get(name, {}))
+    assert history["diverged"], name
+    assert len(history["epochs"]) == 2, name  # stopped after the epoch whose losses were not finite
+
+
 def test_a_state_dict_round_trips_through_a_copy():
     model, loss_fn = tiny_regression()
     opt, per_epoch = B.make_optimizer("dog", model.parameters())
