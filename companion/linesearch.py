@@ -260,6 +260,7 @@ def trace_fit(model: nn.Module, optimizer, task, train_data: Batch, test_data: B
     from .train import _epoch_metrics  # the same per-epoch row as fit's
 
     at = set(int(s) for s in at)
+    full_data = _to(full_data, device)  # once: the measurements run on the model's device
     generator = torch.Generator().manual_seed(seed)
     history = {"epochs": [], "steps": {"loss": [], "lr": [], "ratio": []}, "diverged": False, "seconds": 0.0,
                "trace": [], "measure_seconds": 0.0}

@@ -218,6 +218,18 @@ def test_a_trace_takes_fits_steps_bitwise_and_measures_before_the_chosen_steps(d
     assert trace["measure_seconds"] > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the data start on the CPU)")
+def test_a_trace_on_the_gpu_measures_with_full_data_given_on_the_cpu(data):
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = C.models.mnist_mlp().to(dev)
+    opt = LossGrad(model.parameters(), lr=0.05, **EXACT)
+    full = (data["train"][0][:64], data["train"][1][:64])  # on the CPU, as the notebook builds it
+    trace = L.trace_fit(model, opt, Classification(), data["train"], data["test"], full, epochs=1, batch_size=32,
+                        device=dev, seed=0, at=[1], search=SEARCH)
+    assert [row["step"] for row in trace["trace"]] == [1] and trace["trace"][0]["t_full_gF"] > 0
+
+
 def tiny_mlp():
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10))
 
