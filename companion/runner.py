@@ -252,6 +252,7 @@ def _execute(groups: list, jobs, executor) -> list:
         how = execution(len(pending), executor)
     display = Display(groups[0][0].notebook, unique, pending, how,
                       bars=all(exp.progress for exp, _ in groups))
+    started, tic, failures = time.time(), time.perf_counter(), None
     try:
         if how.executor == "slurm":
             failures = _run_slurm(pending, how, display)
@@ -261,9 +262,58 @@ def _execute(groups: list, jobs, executor) -> list:
             failures = _run_workers(pending, how, display)
     finally:
         display.close()
+        _log_wall_clock(pending, how, started, time.perf_counter() - tic, failures)
     if failures:
         raise RunsFailed(failures)
     return _results(planned, stored)
+
+
+WALL_CLOCK_FILE = "wall_clock.jsonl"
+
+
+def _log_wall_clock(pending, how, started: float, seconds: float, failures: Optional[dict]) -> None:
+    """Appends one line per run store to ``<store>/wall_clock.jsonl``: when this call started training, its wall
+    time, the runs it trained and those that failed (all of them when it was interrupted), and how. A notebook
+    whose runs trained over several calls (a run stopped and resumed, a session that ended) reads its total
+    wall time back with :func:`wall_clock`; a run's own ``seconds`` count only its training."""
+    by_store = {}
+    for r in pending:
+        by_store.setdefault(r.experiment.store.dir, []).append(r.name)
+    failed = set(failures) if failures is not None else {r.name for r in pending}
+    for directory, names in by_store.items():
+        entry = dict(started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), seconds=round(seconds, 3),
+                     trained=sorted(set(names) - failed), failed=sorted(set(names) & failed),
+                     executor=how.executor, jobs=how.jobs, threads=how.threads, host=os.uname().nodename)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with open(directory / WALL_CLOCK_FILE, "a") as f:  # one short append per call: whole lines
+                f.write(json.dumps(entry) + "\n")
+        except OSError as err:  # a read-only store loses the record, not the runs
+            print(f"could not record the wall time in {directory / WALL_CLOCK_FILE}: {err}", file=sys.stderr)
+
+
+def wall_clock(experiment, results: list) -> dict:
+    """The wall time spent training ``results`` (dicts with ``label`` and ``seed``, as ``run_all`` returns them),
+    from the store's ``wall_clock.jsonl``: ``seconds`` summed over every call that trained at least one of them,
+    ``calls``, ``covered`` (how many of them those calls trained; runs trained before the record existed, or
+    copied in, are not covered) and ``runs``. Two kernels training into one store at the same time would both be
+    counted."""
+    names = {experiment.run_name(r["label"], r["seed"]) for r in results}
+    seconds, calls, covered = 0.0, 0, set()
+    try:
+        lines = (experiment.store.dir / WALL_CLOCK_FILE).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line cut by a crash mid-write
+            continue
+        mine = names & set(entry.get("trained", []))
+        if mine:
+            seconds, calls = seconds + float(entry["seconds"]), calls + 1
+            covered |= mine
+    return dict(seconds=seconds, calls=calls, covered=len(covered), runs=len(names))
 
 
 def _results(planned: list, stored: dict) -> list:

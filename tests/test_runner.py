@@ -132,6 +132,31 @@ def test_a_rerun_loads_instead_of_training(data, capsys):
     assert "to train" not in capsys.readouterr().out  # nothing trained, nothing announced
 
 
+def test_the_wall_time_of_runs_trained_over_several_calls_adds_up(data):
+    exp = experiment(data, jobs=1)
+    first = exp.run_all(METHODS[:1], seeds=[0, 1])
+    clock = runner.wall_clock(exp, first)
+    assert clock["calls"] == 1 and clock["covered"] == 2 and clock["runs"] == 2 and clock["seconds"] > 0
+    tic = time.perf_counter()
+    both = exp.run_all(METHODS[:2], seeds=[0, 1])  # two stored, two trained: a session that resumed
+    assert runner.wall_clock(exp, both)["seconds"] - clock["seconds"] <= time.perf_counter() - tic
+    exp.run_all(METHODS[:2], seeds=[0, 1])  # all stored: no call trained, nothing recorded
+    total = runner.wall_clock(exp, both)
+    assert total["calls"] == 2 and total["covered"] == 4 and total["seconds"] > clock["seconds"]
+    assert runner.wall_clock(exp, first) == dict(clock, runs=2)  # only the calls that trained these runs
+    with open(exp.store.dir / runner.WALL_CLOCK_FILE, "a") as f:
+        f.write('{"started": "2026-01-01T00:00:00Z", "seconds": 5')  # a line cut by a crash mid-write
+    assert runner.wall_clock(exp, both) == total
+
+
+def test_the_wall_time_record_names_failed_runs_apart(data):
+    exp = experiment(data, task=FailingTask(), jobs=1)
+    with pytest.raises(runner.RunsFailed):
+        exp.run_all(METHODS[:1], seeds=[0, 1])
+    assert runner.wall_clock(exp, [dict(label="sgd", seed=1)])["calls"] == 0  # failed: not trained
+    assert runner.wall_clock(exp, [dict(label="sgd", seed=0)])["covered"] == 1
+
+
 def test_a_worker_resumes_a_checkpoint_left_by_a_killed_run(data, tmp_path, monkeypatch):
     straight = experiment(data, jobs=1).run_all(METHODS[1:2], seeds=[0])[0]
     monkeypatch.setenv("LOSSGRAD_RUNS", str(tmp_path / "killed"))
