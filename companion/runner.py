@@ -383,6 +383,7 @@ def _payload(pending) -> tuple:
     import cloudpickle
 
     experiments = list({id(r.experiment): r.experiment for r in pending}.values())
+    _remove_stale_payloads(pending[0].experiment)
     folder = _work_dir(pending[0].experiment)
     folder.mkdir(parents=True, exist_ok=True)
     fd, path = tempfile.mkstemp(dir=folder, prefix="experiments-", suffix=".pkl")
@@ -404,9 +405,35 @@ def _worker_gpus(experiment, jobs: int) -> list:
 
 
 def _work_dir(experiment) -> Path:
-    """This process's scratch folder beside the run store (jobs, logs, progress): two notebooks running
-    the same store (run_all.sh and JupyterLab) never share a file; the runs' locks keep them apart."""
-    return experiment.store.dir / ".work" / str(os.getpid())
+    """This process's scratch folder beside the run store (jobs, logs, progress), named by host and process:
+    two notebooks running the same store (run_all.sh and JupyterLab, or two nodes on a shared filesystem)
+    never share a file; the runs' locks keep them apart."""
+    return experiment.store.dir / ".work" / f"{os.uname().nodename}-{os.getpid()}"
+
+
+def _remove_stale_payloads(experiment) -> None:
+    """Deletes the pickled experiments (data included: hundreds of MB) that a kernel of this host left when it
+    died without cleaning up (SIGTERM, SIGKILL, a crash); their logs stay. A folder of a live process, or of
+    another host (whose processes this one cannot see), is left alone."""
+    prefix = f"{os.uname().nodename}-"
+    for folder in (experiment.store.dir / ".work").glob(prefix + "*"):
+        pid = folder.name[len(prefix):]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        for leftover in [*folder.glob("experiments-*.pkl"), *folder.glob("*.job.pkl")]:
+            leftover.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # when empty
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _run_workers(pending, how, display) -> dict:

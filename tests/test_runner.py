@@ -157,6 +157,28 @@ def test_the_wall_time_record_names_failed_runs_apart(data):
     assert runner.wall_clock(exp, [dict(label="sgd", seed=0)])["covered"] == 1
 
 
+def test_a_dead_kernels_pickled_experiments_are_removed_and_its_logs_kept(data):
+    import subprocess
+    import sys
+
+    exp = experiment(data, jobs=2)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = os.uname().nodename
+    dead = exp.store.dir / ".work" / f"{host}-{gone.pid}"
+    live = exp.store.dir / ".work" / f"{host}-{os.getppid()}"  # a process that is running
+    other_host = exp.store.dir / ".work" / f"another-node-{gone.pid}"
+    for folder in (dead, live, other_host):
+        folder.mkdir(parents=True)
+        (folder / "experiments-abc.pkl").write_bytes(b"data")
+        (folder / "sgd-seed0.job.pkl").write_bytes(b"job")
+        (folder / "sgd-seed0.log").write_text("a failed run's log")
+    exp.run_all(METHODS[:1], seeds=[0, 1])  # two workers: the payload is written
+    assert sorted(p.name for p in dead.iterdir()) == ["sgd-seed0.log"]
+    for folder in (live, other_host):
+        assert len(list(folder.iterdir())) == 3
+
+
 def test_a_worker_resumes_a_checkpoint_left_by_a_killed_run(data, tmp_path, monkeypatch):
     straight = experiment(data, jobs=1).run_all(METHODS[1:2], seeds=[0])[0]
     monkeypatch.setenv("LOSSGRAD_RUNS", str(tmp_path / "killed"))
