@@ -615,7 +615,7 @@ class DoGPeer(PeerOptimizer):
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None,
              loss: torch.Tensor | float | None = None):
-        """As :meth:`PeerOptimizer.step`, except after a non-finite loss: DoG's step would assert on its
+        """As :meth:`PeerOptimizer.step`, except after a non-finite loss or gradient: DoG's step would assert on its
         gradient sum (``G > 0`` fails on NaN) and take the training loop down, so the step is skipped, its
         step size logged as NaN, and the loop marks the run diverged at the epoch's end as for every other
         optimizer. (DoG's assert reads G on the host every step anyway: this check adds no new kind of sync.)"""
@@ -623,7 +623,9 @@ class DoGPeer(PeerOptimizer):
         if loss is None and closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if loss is not None and not math.isfinite(float(loss)):
+        grads = [p.grad for p in self._params() if p.grad is not None]
+        finite_grads = not grads or bool(torch.isfinite(torch.stack([g.detach().abs().sum() for g in grads]).sum()))
+        if (loss is not None and not math.isfinite(float(loss))) or not finite_grads:
             for group in self.param_groups:
                 group["lr"] = math.nan
             return loss

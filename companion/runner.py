@@ -40,7 +40,9 @@ import contextlib
 import json
 import math
 import os
+import platform
 import re
+import secrets
 import shlex
 import subprocess
 import sys
@@ -53,7 +55,7 @@ from typing import Optional
 
 import torch
 
-from .train import STORED_ONLY_ENV, StoredRunMissing
+from .train import STORED_ONLY_ENV, StoredRunMissing, fcntl
 
 EXECUTORS = ("local", "slurm")
 HEADLESS_ENV = "LOSSGRAD_PROGRESS_FILE"  # set by run_all.sh: progress as text lines appended to this file
@@ -252,7 +254,7 @@ def _execute(groups: list, jobs, executor) -> list:
         how = execution(len(pending), executor)
     display = Display(groups[0][0].notebook, unique, pending, how,
                       bars=all(exp.progress for exp, _ in groups))
-    started, tic, failures = time.time(), time.perf_counter(), None
+    started, tic = time.time(), time.perf_counter()
     try:
         if how.executor == "slurm":
             failures = _run_slurm(pending, how, display)
@@ -262,7 +264,7 @@ def _execute(groups: list, jobs, executor) -> list:
             failures = _run_workers(pending, how, display)
     finally:
         display.close()
-        _log_wall_clock(pending, how, started, time.perf_counter() - tic, failures)
+        _log_wall_clock(pending, how, started, time.perf_counter() - tic)
     if failures:
         raise RunsFailed(failures)
     return _results(planned, stored)
@@ -271,25 +273,32 @@ def _execute(groups: list, jobs, executor) -> list:
 WALL_CLOCK_FILE = "wall_clock.jsonl"
 
 
-def _log_wall_clock(pending, how, started: float, seconds: float, failures: Optional[dict]) -> None:
+def _log_wall_clock(pending, how, started: float, seconds: float) -> None:
     """Appends one line per run store to ``<store>/wall_clock.jsonl``: when this call started training, its wall
-    time, the runs it trained and those that failed (all of them when it was interrupted), and how. A notebook
-    whose runs trained over several calls (a run stopped and resumed, a session that ended) reads its total
-    wall time back with :func:`wall_clock`; a run's own ``seconds`` count only its training."""
-    by_store = {}
-    for r in pending:
-        by_store.setdefault(r.experiment.store.dir, []).append(r.name)
-    failed = set(failures) if failures is not None else {r.name for r in pending}
-    for directory, names in by_store.items():
-        entry = dict(started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), seconds=round(seconds, 3),
-                     trained=sorted(set(names) - failed), failed=sorted(set(names) & failed),
-                     executor=how.executor, jobs=how.jobs, threads=how.threads, host=os.uname().nodename)
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            with open(directory / WALL_CLOCK_FILE, "a") as f:  # one short append per call: whole lines
+    time, the runs it trained (those of its pending runs now in the store, also when it was interrupted) and those
+    it did not, and how. A notebook whose runs trained over several calls (a run stopped and resumed, a session
+    that ended) reads its total wall time back with :func:`wall_clock`; a run's own ``seconds`` count only its
+    training. Never raises: it runs while another error may be on its way out."""
+    try:
+        by_store = {}  # one line per folder (experiments copied with dataclasses.replace share one)
+        for r in pending:
+            by_store.setdefault(str(r.experiment.store.dir), (r.experiment.store, []))[1].append(r.name)
+        for store, names in by_store.values():
+            trained = sorted(n for n in names if _written_since(store.path(n), started))
+            entry = dict(started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), seconds=round(seconds, 3),
+                         trained=trained, failed=sorted(set(names) - set(trained)), executor=how.executor,
+                         jobs=how.jobs, threads=how.threads, host=platform.node())
+            with open(store.dir / WALL_CLOCK_FILE, "a") as f:  # one short append per call: whole lines (not on NFS)
                 f.write(json.dumps(entry) + "\n")
-        except OSError as err:  # a read-only store loses the record, not the runs
-            print(f"could not record the wall time in {directory / WALL_CLOCK_FILE}: {err}", file=sys.stderr)
+    except Exception as err:  # a read-only store loses the record, not the runs
+        print(f"could not record the wall time in the run store: {err}", file=sys.stderr)
+
+
+def _written_since(path: Path, started: float) -> bool:
+    try:
+        return path.stat().st_mtime >= started - 1.0  # a run stored before this call (then found stale) is not its
+    except OSError:
+        return False
 
 
 def wall_clock(experiment, results: list) -> dict:
@@ -383,7 +392,6 @@ def _payload(pending) -> tuple:
     import cloudpickle
 
     experiments = list({id(r.experiment): r.experiment for r in pending}.values())
-    _remove_stale_payloads(pending[0].experiment)
     folder = _work_dir(pending[0].experiment)
     folder.mkdir(parents=True, exist_ok=True)
     fd, path = tempfile.mkstemp(dir=folder, prefix="experiments-", suffix=".pkl")
@@ -404,39 +412,54 @@ def _worker_gpus(experiment, jobs: int) -> list:
     return [ids[i % len(ids)] for i in range(jobs)]
 
 
+_WORK: dict = {}  # (this process, store folder) -> (its scratch folder, the open file holding its .owner lock)
+
+
 def _work_dir(experiment) -> Path:
-    """This process's scratch folder beside the run store (jobs, logs, progress), named by host and process:
-    two notebooks running the same store (run_all.sh and JupyterLab, or two nodes on a shared filesystem)
-    never share a file; the runs' locks keep them apart."""
-    return experiment.store.dir / ".work" / f"{os.uname().nodename}-{os.getpid()}"
+    """This process's scratch folder beside the run store (jobs, logs, progress, the pickled experiments), named by
+    host, process and a random tag: two notebooks running the same store (run_all.sh and JupyterLab, two nodes on a
+    shared filesystem, two containers) never share a file; the runs' locks keep them apart. The process holds a
+    lock on the folder's ``.owner`` file while it lives: :func:`_remove_stale_payloads` tells a dead owner by it."""
+    key = (os.getpid(), str(experiment.store.dir))
+    if key not in _WORK:
+        folder = experiment.store.dir / ".work" / f"{platform.node()}-{os.getpid()}-{secrets.token_hex(3)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".owner", "a")
+        if fcntl is not None:
+            with contextlib.suppress(OSError):  # no locks on this filesystem: its leftovers are never removed
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _WORK[key] = (folder, handle)
+    folder = _WORK[key][0]
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _remove_stale_payloads(experiment) -> None:
-    """Deletes the pickled experiments (data included: hundreds of MB) that a kernel of this host left when it
-    died without cleaning up (SIGTERM, SIGKILL, a crash); their logs stay. A folder of a live process, or of
-    another host (whose processes this one cannot see), is left alone."""
-    prefix = f"{os.uname().nodename}-"
-    for folder in (experiment.store.dir / ".work").glob(prefix + "*"):
-        pid = folder.name[len(prefix):]
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+    """Deletes the pickled experiments (data included: hundreds of MB) and jobs that a kernel left in its scratch
+    folder when it died without cleaning up (SIGTERM, SIGKILL, a crash); logs stay. A folder is stale when its
+    ``.owner`` lock can be taken (flock: its process is gone, wherever it ran); a folder whose lock is held, that
+    has no ``.owner`` or whose filesystem has no locks is left alone, and so is one that submitted SLURM jobs
+    (queued jobs outlive their kernel and still need its payload)."""
+    if fcntl is None:
+        return
+    mine = _work_dir(experiment)
+    for folder in (experiment.store.dir / ".work").iterdir():
+        owner = folder / ".owner"
+        if folder == mine or not owner.exists() or (folder / "submitit").exists():
             continue
-        for leftover in [*folder.glob("experiments-*.pkl"), *folder.glob("*.job.pkl")]:
-            leftover.unlink(missing_ok=True)
+        try:
+            with open(owner, "a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: its owner is gone
+                for leftover in [*folder.glob("experiments-*.pkl"), *folder.glob("*.job.pkl"), owner]:
+                    leftover.unlink(missing_ok=True)  # without .owner, later calls pass the logs by
+        except OSError:  # held by a live process, or no locks here
+            continue
         with contextlib.suppress(OSError):
             folder.rmdir()  # when empty
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _run_workers(pending, how, display) -> dict:
+    _remove_stale_payloads(pending[0].experiment)  # local workers only: a dead kernel's SLURM jobs may be queued
     payload, index = _payload(pending)
     gpus = _worker_gpus(pending[0].experiment, how.jobs)
     queue, running, failures = list(pending), {}, {}

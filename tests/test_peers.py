@@ -287,6 +287,20 @@ def test_a_peer_whose_loss_turns_non_finite_ends_as_a_diverged_run(mnist_like, n
     assert len(history["epochs"]) == 2, name  # stopped after the epoch whose losses were not finite
 
 
+@pytest.mark.parametrize("name", ["dog", "ldog"])
+def test_dog_skips_a_step_whose_gradient_is_not_finite(name):
+    model, loss_fn = tiny_regression()
+    opt, _ = B.make_optimizer(name, model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    loss = loss_fn()
+    loss.backward()
+    next(model.parameters()).grad[0, 0] = math.inf  # a finite loss whose backward overflowed
+    opt.step(loss=loss.detach())
+    assert math.isnan(opt.param_groups[0]["lr"])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_a_state_dict_round_trips_through_a_copy():
     model, loss_fn = tiny_regression()
     opt, per_epoch = B.make_optimizer("dog", model.parameters())

@@ -157,26 +157,60 @@ def test_the_wall_time_record_names_failed_runs_apart(data):
     assert runner.wall_clock(exp, [dict(label="sgd", seed=0)])["covered"] == 1
 
 
-def test_a_dead_kernels_pickled_experiments_are_removed_and_its_logs_kept(data):
+def test_a_dead_kernels_pickled_experiments_are_removed_and_its_logs_kept(data, tmp_path):
     import subprocess
     import sys
 
     exp = experiment(data, jobs=2)
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    host = os.uname().nodename
-    dead = exp.store.dir / ".work" / f"{host}-{gone.pid}"
-    live = exp.store.dir / ".work" / f"{host}-{os.getppid()}"  # a process that is running
-    other_host = exp.store.dir / ".work" / f"another-node-{gone.pid}"
-    for folder in (dead, live, other_host):
+    work = exp.store.dir / ".work"
+    folders = {name: work / name for name in ("dead", "alive", "submitted", "no-owner")}
+    for folder in folders.values():
         folder.mkdir(parents=True)
         (folder / "experiments-abc.pkl").write_bytes(b"data")
         (folder / "sgd-seed0.job.pkl").write_bytes(b"job")
         (folder / "sgd-seed0.log").write_text("a failed run's log")
-    exp.run_all(METHODS[:1], seeds=[0, 1])  # two workers: the payload is written
-    assert sorted(p.name for p in dead.iterdir()) == ["sgd-seed0.log"]
-    for folder in (live, other_host):
-        assert len(list(folder.iterdir())) == 3
+    for name in ("dead", "alive", "submitted"):
+        (folders[name] / ".owner").touch()
+    (folders["submitted"] / "submitit").mkdir()  # SLURM jobs of a dead kernel may still be queued
+    holder = subprocess.Popen(  # a live kernel, maybe in another PID namespace: only its lock is visible
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(120)", str(folders["alive"] / ".owner")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        exp.run_all(METHODS[:1], seeds=[0, 1])  # two workers: stale payloads go before this call writes its own
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in folders["dead"].iterdir()) == ["sgd-seed0.log"]
+    for name in ("alive", "submitted", "no-owner"):
+        assert (folders[name] / "experiments-abc.pkl").exists() and (folders[name] / "sgd-seed0.job.pkl").exists(), name
+
+
+class InterruptedTask(Classification):
+    """Ctrl-C during the runs of seed 1."""
+
+    def loss_and_step_metrics(self, model, batch):
+        if torch.initial_seed() == 1:
+            raise KeyboardInterrupt
+        return super().loss_and_step_metrics(model, batch)
+
+
+def test_an_interrupted_call_records_the_runs_it_finished(data):
+    exp = experiment(data, task=InterruptedTask(), jobs=1)
+    with pytest.raises(KeyboardInterrupt):
+        exp.run_all(METHODS[:1], seeds=[0, 1])
+    assert runner.wall_clock(exp, [dict(label="sgd", seed=0)])["covered"] == 1
+    assert runner.wall_clock(exp, [dict(label="sgd", seed=1)])["calls"] == 0
+
+
+def test_experiments_sharing_a_store_in_one_call_count_its_wall_time_once(data):
+    import dataclasses
+
+    first = experiment(data, jobs=1)
+    second = dataclasses.replace(first, batch_size=25)  # its own RunStore object, the same folder
+    runs = runner.run_together([(first, METHODS[:1], [0]), (second, [("sgd b25", "sgd", dict(lr=0.1))], [0])], jobs=1)
+    clock = runner.wall_clock(first, [r for group in runs for r in group])
+    assert clock["calls"] == 1 and clock["covered"] == 2
 
 
 def test_a_worker_resumes_a_checkpoint_left_by_a_killed_run(data, tmp_path, monkeypatch):
