@@ -366,9 +366,9 @@ def test_run_all_in_jupyterlab_with_the_smoke_profile(notebook, browser, lab):
     try:
         # open it as a reader does (a fresh workspace: nothing else open)
         browser.get(f"{lab.url}/lab/tree/{notebook.name}?reset&token={lab.token}")
-        cells = _wait(lambda: (lambda c: c if c and sum(x["code"] for x in c) == n_code else None)(
-            browser.execute_script(CELLS_JS)), 120, "the notebook's cells in the page")
-        assert len(cells) == len(nb.cells)
+        cells = _wait(lambda: (lambda c: c if c and len(c) == len(nb.cells) and sum(x["code"] for x in c) == n_code
+                               else None)(browser.execute_script(CELLS_JS)), 120,
+                      "every cell of the notebook in the page")  # JupyterLab renders them in batches
         session = _wait(lambda: (lambda s: s if s and s["kernel"]["execution_state"] == "idle" else None)(
             _session(lab, notebook.name)), 120, "the notebook's kernel to start")
         # the kernel: the one the notebook names, started without asking the reader
