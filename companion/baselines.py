@@ -477,6 +477,10 @@ class PeerOptimizer(Optimizer):
         super().__init__(params, dict(lr=0.0))  # lr: the step size of the last step (0.0 before the first)
         self.inner = inner
 
+    def _skip_step(self, loss) -> bool:
+        """Whether to leave this step out (its step size logged as NaN); by default never."""
+        return False
+
     # -- what each package calls its step size
     def _before_step(self):
         """What :meth:`used_step_size` needs from before the step (the package's state is updated by it)."""
@@ -504,6 +508,10 @@ class PeerOptimizer(Optimizer):
         if loss is None and closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._skip_step(loss):
+            for group in self.param_groups:
+                group["lr"] = math.nan
+            return loss
         before = self._before_step()
         self.inner.step()
         used = self.used_step_size(before)
@@ -613,23 +621,14 @@ class DoGPeer(PeerOptimizer):
             self.averager = PolynomialDecayAverager(_Parameters(params), gamma=averaging_gamma)
         _AVERAGING.add(self)
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None,
-             loss: torch.Tensor | float | None = None):
-        """As :meth:`PeerOptimizer.step`, except after a non-finite loss or gradient: DoG's step would assert on its
-        gradient sum (``G > 0`` fails on NaN) and take the training loop down, so the step is skipped, its
-        step size logged as NaN, and the loop marks the run diverged at the epoch's end as for every other
-        optimizer. (DoG's assert reads G on the host every step anyway: this check adds no new kind of sync.)"""
-        self.use_training_weights()
-        if loss is None and closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _skip_step(self, loss) -> bool:
+        """After a non-finite loss or gradient: DoG's step would assert on its gradient sum (``G > 0`` fails on NaN)
+        and take the training loop down, so the step is left out, and the loop marks the run diverged at the epoch's
+        end as for every other optimizer. (DoG's assert reads G on the host every step anyway: this check adds no new
+        kind of sync.)"""
         grads = [p.grad for p in self._params() if p.grad is not None]
         finite_grads = not grads or bool(torch.isfinite(torch.stack([g.detach().abs().sum() for g in grads]).sum()))
-        if (loss is not None and not math.isfinite(float(loss))) or not finite_grads:
-            for group in self.param_groups:
-                group["lr"] = math.nan
-            return loss
-        return super().step(loss=loss)
+        return (loss is not None and not math.isfinite(float(loss))) or not finite_grads
 
     def used_step_size(self, before):
         eta = self.inner.param_groups[0]["eta"]

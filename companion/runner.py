@@ -504,10 +504,7 @@ def _run_workers(pending, how, display) -> dict:
             proc.terminate()
         for _, proc, *_ in running.values():
             proc.wait()
-        payload.unlink(missing_ok=True)
-        for folder in {_work_dir(r.experiment) for r in pending}:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # when empty: logs of failed runs stay
+        payload.unlink(missing_ok=True)  # the folder stays (its .owner lock); logs of failed runs with it
     return failures
 
 
