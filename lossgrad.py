@@ -61,10 +61,11 @@ a rollback a non-finite gradient never enters the buffers; with ``rollback=None`
 gradient then poisons every later step. A step undone for raising the loss along a non-descent
 direction keeps :math:`h` (the direction, not :math:`h`, was at fault); any other undone step shrinks it.
 Complex parameters get Adam's moments per real and imaginary part, as ``torch.optim.Adam`` does.
-A caution from the companion's notebook 09 (the paper's MNIST network on Fashion-MNIST): both forms
-kept raising :math:`h` until the network fell to chance, in every seed; with ``rollback='increase'``
-they did not fall, but ended at 0.71-0.77 test accuracy against tuned SGD's 0.88. Treat them as
-experimental; the paper's form trained there.
+
+A caution from the companion's notebook 09 (the paper's MNIST network on Fashion-MNIST): the heavy-ball
+momentum and the Adam form trained for a few epochs, then fell to chance, in every seed; with
+``rollback='increase'`` they did not fall to chance, but ended at 0.71-0.77 test accuracy against tuned
+SGD's 0.88. Treat them as experimental; the paper's form trained there.
 
 Two guards, on by default, change Algorithm 1 only where it fails
 -----------------------------------------------------------------
