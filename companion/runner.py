@@ -325,6 +325,15 @@ def wall_clock(experiment, results: list) -> dict:
     return dict(seconds=seconds, calls=calls, covered=len(covered), runs=len(names))
 
 
+def wall_clock_line(experiment, results: list) -> str:
+    """:func:`wall_clock` as the sentence a notebook prints beside its conditions."""
+    clock = wall_clock(experiment, results)
+    line = (f"wall time of every call that trained these runs ({WALL_CLOCK_FILE} in the run store): "
+            f"{clock['seconds'] / 60:.1f} min over {clock['calls']} call(s), covering {clock['covered']} of "
+            f"{clock['runs']} runs")
+    return line if clock["covered"] == clock["runs"] else line + " (the calls that trained the others left no record)"
+
+
 def _results(planned: list, stored: dict) -> list:
     results = []
     for runs in planned:

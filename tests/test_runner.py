@@ -149,6 +149,15 @@ def test_the_wall_time_of_runs_trained_over_several_calls_adds_up(data):
     assert runner.wall_clock(exp, both) == total
 
 
+def test_the_wall_time_line_says_when_some_runs_are_not_in_the_record(data):
+    exp = experiment(data, jobs=1)
+    first = exp.run_all(METHODS[:1], seeds=[0])
+    assert runner.wall_clock_line(exp, first).endswith("covering 1 of 1 runs")
+    (exp.store.dir / runner.WALL_CLOCK_FILE).unlink()  # as if trained by a call that was killed before writing it
+    line = runner.wall_clock_line(exp, exp.run_all(METHODS[:2], seeds=[0]))
+    assert "over 1 call(s), covering 1 of 2 runs (the calls that trained the others left no record)" in line
+
+
 def test_the_wall_time_record_names_failed_runs_apart(data):
     exp = experiment(data, task=FailingTask(), jobs=1)
     with pytest.raises(runner.RunsFailed):
