@@ -74,7 +74,7 @@ Two guards, on by default, change Algorithm 1 only where it fails
 * ``rollback``: ``'nonfinite'`` restores :math:`x` (bitwise, from a copy taken before the step)
   when :math:`F(x')`, :math:`F(x)` or :math:`\lVert G\rVert^2` is not finite, and shrinks
   :math:`h`; a step whose :math:`\lVert G\rVert^2` is not finite is not taken at all where that is
-  known before stepping (the host path). ``'increase'`` also restores :math:`x` when
+  known before stepping (the host path), and shrinks :math:`h` on both paths. ``'increase'`` also restores :math:`x` when
   :math:`F(x')` exceeds :math:`F(x)` by more than the loss's resolution (an acceptance test on
   the same batch). ``None`` never restores and keeps no copy.
 * ``resolution_guard``: a step is *unresolved* when both :math:`\ell` and :math:`|F(x') - F(x)|`
@@ -85,7 +85,10 @@ Two guards, on by default, change Algorithm 1 only where it fails
   its steps, an :math:`h` pushed below the resolution later (by hand, by a run of rollbacks)
   climbs back, and a converged loss, where nothing is left to resolve, never pushes :math:`h`
   above a step size that was seen to work. Without the guard a small :math:`h` drifts down for
-  ever, because a loss difference that rounds to zero reads as :math:`r = 1`.
+  ever, because a loss difference that rounds to zero reads as :math:`r = 1`. A probe exactly equal to
+  :math:`F(x)` although :math:`\ell \ge |F(x)|` (the step should have removed the whole loss) is not
+  unresolved but blind: :math:`h` is held, and on the host path 20 of them in a row raise, since only a
+  closure that does not recompute the loss at :math:`x'` produces them.
 
 Beyond the guards
 -----------------
@@ -93,7 +96,10 @@ Beyond the guards
   :math:`s = \min(1, \text{max\_grad\_norm}/\lVert G\rVert)` and the prediction is the matching
   :math:`\ell = h\,s\,\lVert G\rVert^2 = h\,\langle G, sG\rangle`. Clipping the gradients yourself
   between ``backward`` and ``step(closure, loss=loss)`` makes the prediction wrong (the step taken
-  is along the clipped gradient, the loss changes along the true one), and ``step`` cannot see it.
+  is along the clipped gradient, the loss changes along the true one); ``step`` warns once when a
+  gradient was changed in place after backward (not under ``torch.distributed``).
+* 16-bit parameters: the step :math:`h\,d` is computed in float32 and rounded once as it is added,
+  and the direction's buffers (momentum, Adam's moments) are float32.
 * LR schedulers do not apply: LOSSGRAD sets the step size itself, and a scheduler would silently
   fight it. ``step`` raises when a ``torch.optim.lr_scheduler.LRScheduler`` is attached. Writing
   ``param_groups[i]['lr']`` yourself (or through ``ReduceLROnPlateau``, which writes it the same
@@ -111,6 +117,7 @@ Example
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 import warnings
 import weakref
@@ -133,6 +140,20 @@ RESOLUTION_ULPS = 8.0
 ROUNDING_ULPS = 2.0
 
 _ROLLBACKS = (None, "nonfinite", "increase")
+#: A probe exactly equal to F(x) although the step was predicted to change the loss by at least this fraction of
+#: it (the resolution of a bfloat16 loss, the coarsest there is) cannot have seen the step: h is held, not grown.
+#: Only a closure that does not recompute the loss at x' does that for long: after _BLIND_PROBES such probes in a
+#: row the host path raises.
+BLIND_FRACTION = 2.0 * torch.finfo(torch.bfloat16).eps
+_BLIND_PROBES = 20
+_STALE_CLOSURE = (
+    "the probe closure does not recompute the loss at the new parameters: it must run the forward pass again "
+    "each time it is called, e.g. opt.step(lambda: loss_fn(model(x), y)), not opt.step(lambda: loss) nor a "
+    "closure over outputs computed before step; recompute them inside the closure")
+_PROBE_NEEDS_GRAD = (
+    "the probe closure failed under torch.no_grad(): your loss differentiates with respect to its inputs "
+    "(autograd.grad inside the loss: physics-informed residuals, gradient penalties). Build the optimizer with "
+    "LossGrad(..., probe_grad=True), which evaluates the probe with autograd on")
 _BACKWARD_IN_CLOSURE = (
     "the closure called backward: it must only return the loss (LossGrad.step calls backward itself, and a "
     "second backward doubles the gradient or fails). Remove loss.backward() from the closure, or call "
@@ -143,13 +164,81 @@ _GLOBAL_OPTIONS = ("lr", "c", "threshold", "direction", "momentum", "nesterov", 
 _DIRECTIONS = ("sgd", "momentum", "adam")
 
 
+def _number(name: str, value) -> float:
+    """``value`` as a float: Python and numpy real numbers (not bools); anything else is a clear error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _flag(name: str, value, allow_none: bool = False) -> Optional[bool]:
+    """A boolean option: True or False (or None where that means automatic). 'no' is not False."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be {'True, False or None (automatic)' if allow_none else 'True or False'}, "
+                         f"got {value!r}")
+    return value
+
+
+def _checked_options(group: dict, direction: str) -> dict:
+    """The rule's options of one param group (defaults filled in), validated and normalised.
+
+    One check for the constructor, ``add_param_group`` and groups given as dicts, made before a group joins.
+    ``lr`` is checked only when it is a value the caller gave (not the shared h, which is left unread)."""
+    if group["direction"] != direction:
+        raise ValueError(f"direction={group['direction']!r} in a param group: the direction is one for the whole "
+                         f"optimizer (here {direction!r}); pass it to LossGrad(..., direction=...)")
+    out = {}
+    c = _number("c", group["c"]) if not isinstance(group["c"], bool) else math.nan
+    if not (math.isfinite(c) and c > 1):
+        raise ValueError(f"c must be a finite number > 1 (h is multiplied or divided by it each step), got "
+                         f"{group['c']!r}; 1.05 is the best value of the paper's c sweep")
+    threshold = group["threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < float(threshold) < 1:
+        raise ValueError(f"threshold must be a finite number strictly between 0 and 1 (h grows when the ratio r <= "
+                         f"threshold), got {threshold!r}; 0.5 is the paper's rule (the fitted parabola's minimum)")
+    weight_decay = _number("weight_decay", group["weight_decay"])
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {group['weight_decay']!r}")
+    if group["rollback"] not in _ROLLBACKS:
+        raise ValueError(f"rollback must be one of {_ROLLBACKS}, got {group['rollback']!r}")
+    min_lr, max_lr = _number("min_lr", group["min_lr"]), _number("max_lr", group["max_lr"])
+    if not (0 <= min_lr < max_lr):
+        raise ValueError(f"need 0 <= min_lr < max_lr, got min_lr={group['min_lr']!r}, max_lr={group['max_lr']!r}")
+    max_grad_norm = group["max_grad_norm"]
+    if max_grad_norm is not None:
+        max_grad_norm = _number("max_grad_norm", max_grad_norm)
+        if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {group['max_grad_norm']!r}")
+    out.update(c=c, threshold=float(threshold), weight_decay=weight_decay, min_lr=min_lr, max_lr=max_lr,
+               max_grad_norm=max_grad_norm, rollback=group["rollback"],
+               resolution_guard=_flag("resolution_guard", group["resolution_guard"]))
+    out.update(zip(("momentum", "nesterov", "betas", "eps"), _direction_options(
+        direction, group["momentum"], group["nesterov"], group["betas"], group["eps"])))
+    if not isinstance(group["lr"], Tensor):
+        lr = _number("lr", group["lr"])
+        out["lr"] = lr
+    elif group["lr"].device.type == "cpu":
+        lr = _scalar_value("lr", group["lr"])
+    else:
+        lr = None  # a device tensor: reading it would wait for the device (or fail on meta)
+    if lr is not None:
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr is the step size h and must be a finite number > 0, got {group['lr']!r}; "
+                             "the authors' code starts from 1e-4")
+        if not min_lr <= lr <= max_lr:
+            raise ValueError(f"lr={lr!r} lies outside [min_lr, max_lr] = [{min_lr!r}, {max_lr!r}]")
+    return out
+
+
 def _direction_options(direction, momentum, nesterov, betas, eps):
     """Validated (momentum, nesterov, betas, eps) for ``direction``; an option of another direction is an error."""
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
     given = {name: value for name, value in (("momentum", momentum), ("betas", betas), ("eps", eps))
              if value is not None}
-    if nesterov:
+    if nesterov is not False:
         given["nesterov"] = nesterov
     allowed = {"sgd": (), "momentum": ("momentum", "nesterov"), "adam": ("betas", "eps")}[direction]
     wrong = sorted(set(given) - set(allowed))
@@ -158,27 +247,19 @@ def _direction_options(direction, momentum, nesterov, betas, eps):
                          f"direction='momentum' takes momentum and nesterov, direction='adam' takes betas and eps")
     if direction == "momentum":
         momentum = 0.9 if momentum is None else momentum
-        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 <= momentum < 1:
             raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
-        if not isinstance(nesterov, bool):
-            raise ValueError(f"nesterov must be True or False, got {nesterov!r}")
-        return float(momentum), nesterov, None, None
+        return float(momentum), _flag("nesterov", nesterov), None, None
     if direction == "adam":
         betas = (0.9, 0.999) if betas is None else betas
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-                and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
+                not isinstance(b, bool) and isinstance(b, numbers.Real) and 0 <= b < 1 for b in betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         eps = 1e-8 if eps is None else eps
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
         return None, False, (float(betas[0]), float(betas[1])), float(eps)
     return None, False, None, None
-
-
-def _check_threshold(threshold) -> None:
-    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 < threshold < 1):
-        raise ValueError(f"threshold must be a finite number strictly between 0 and 1 (h grows when the ratio r <= "
-                         f"threshold), got {threshold!r}; 0.5 is the paper's rule (the fitted parabola's minimum)")
 
 
 def loss_resolution(dtype: torch.dtype) -> float:
@@ -190,6 +271,8 @@ def loss_resolution(dtype: torch.dtype) -> float:
     the parameters' dtypes (a 16-bit model's outputs are rounded before a float32 loss sees them), and
     also counts a step that leaves the loss exactly unchanged as unresolved: under autocast a float32
     loss of a float32 model is computed from 16-bit activations, which no dtype check can see."""
+    if dtype.is_complex:
+        dtype = dtype.to_real()  # |z|^2 sums the real dtype's squares
     if not dtype.is_floating_point:
         dtype = torch.float32
     accumulate = _wide_dtype(dtype)
@@ -263,6 +346,9 @@ class LossGrad(Optimizer):
     :math:`x' = x - hG`, evaluates ``closure()`` once more at :math:`x'` and updates :math:`h`.
     It returns the loss at :math:`x`. If the probe raises, the parameters are restored to
     :math:`x` (bitwise with a rollback, else by subtracting the step) before the error propagates.
+    The closure must run the forward pass each time it is called: one that returns a loss computed
+    before the step is refused (see ``resolution_guard``). A loss that differentiates with respect to
+    its inputs needs ``probe_grad=True``; the error says so.
 
     ``step(closure, loss=loss)``: you already ran forward and backward (to reuse the outputs);
     ``step`` then only probes. Gradients left over from the previous step (``backward`` forgotten)
@@ -271,9 +357,11 @@ class LossGrad(Optimizer):
 
     The probe is clean: norm layers in
     training mode normalise with the batch statistics, as at :math:`x`, but no running statistic
-    changes (batch norms are switched off tracking; instance norms with tracking and TorchScript
-    modules have their buffers restored); every module the probe calls in the optimizer's thread
-    is covered, every step, and no other thread's modules are touched. With ``step(closure)`` the
+    changes (batch norms are switched off tracking; instance norms with tracking, and TorchScript, fx /
+    ``torch.export`` graph modules and ``nn.DataParallel``, have their buffers restored); every module the
+    probe calls in the optimizer's thread is covered, every step, and in other threads (a thread pool in the
+    forward pass) the modules that own a parameter being optimised; a batch norm without parameters run in
+    another thread is not covered. With ``step(closure)`` the
     probe replays the random state of the evaluation at :math:`x` (the same dropout masks) and
     the random stream continues as if the probe had not run. With ``loss=`` the forward pass
     happened before ``step``, so the probe's dropout masks differ: use the closure form for such
@@ -315,39 +403,25 @@ class LossGrad(Optimizer):
         distributed: Optional[bool] = None,
         process_group=None,
     ):
-        lr_value = _scalar_value("lr", lr)
-        if not (math.isfinite(lr_value) and lr_value > 0):
-            raise ValueError(f"lr is the initial step size h and must be a finite number > 0, got {lr!r}; "
-                             "the authors' code uses 1e-4")
-        if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 1):
-            raise ValueError(f"c must be a finite number > 1 (h is multiplied or divided by it each step), got {c!r}; "
-                             "1.05 is the best value of the paper's c sweep")
-        _check_threshold(threshold)
-        if rollback not in _ROLLBACKS:
-            raise ValueError(f"rollback must be one of {_ROLLBACKS}, got {rollback!r}")
-        if not (0 <= min_lr < max_lr):
-            raise ValueError(f"need 0 <= min_lr < max_lr, got min_lr={min_lr!r}, max_lr={max_lr!r}")
-        if not min_lr <= lr_value <= max_lr:
-            raise ValueError(f"lr={lr_value!r} lies outside [min_lr, max_lr] = [{min_lr!r}, {max_lr!r}]")
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
-                                              and math.isfinite(max_grad_norm) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {max_grad_norm!r}")
         if resolution_dtype is not None and not (isinstance(resolution_dtype, torch.dtype)
                                                   and resolution_dtype.is_floating_point):
             raise ValueError(f"resolution_dtype must be a floating-point torch.dtype or None, got {resolution_dtype!r}")
-        if distributed not in (None, True, False):
-            raise ValueError(f"distributed must be None (auto), True or False, got {distributed!r}")
-        momentum, nesterov, betas, eps = _direction_options(direction, momentum, nesterov, betas, eps)
-        defaults = dict(lr=lr, c=float(c), threshold=float(threshold), direction=direction, momentum=momentum,
-                        nesterov=nesterov, betas=betas, eps=eps, weight_decay=weight_decay, rollback=rollback,
-                        resolution_guard=bool(resolution_guard), max_grad_norm=max_grad_norm,
-                        min_lr=float(min_lr), max_lr=float(max_lr), resolved_lr=math.inf)
+        if isinstance(lr, Tensor) and lr.device.type != "cpu":
+            _scalar_value("lr", lr)  # checked once here, where a read costs nothing yet
+        defaults = dict(lr=lr, c=c, threshold=threshold, direction=direction, momentum=momentum, nesterov=nesterov,
+                        betas=betas, eps=eps, weight_decay=weight_decay, rollback=rollback,
+                        resolution_guard=resolution_guard, max_grad_norm=max_grad_norm, min_lr=min_lr, max_lr=max_lr,
+                        resolved_lr=math.inf)
+        if direction not in _DIRECTIONS:
+            raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+        defaults.update(_checked_options(defaults, direction))  # the constructor's own values, before any group
+        foreach, sync_free = _flag("foreach", foreach, allow_none=True), _flag("sync_free", sync_free, allow_none=True)
+        self.probe_grad = _flag("probe_grad", probe_grad)
+        self.distributed = _flag("distributed", distributed, allow_none=True)
         super().__init__(params, defaults)
-        self.foreach = _foreach_available() if foreach is None else bool(foreach)
+        self.foreach = _foreach_available() if foreach is None else foreach
         self.sync_free = sync_free
-        self.probe_grad = bool(probe_grad)
         self.resolution_dtype = resolution_dtype
-        self.distributed = distributed
         self.process_group = process_group
         self._last: Optional[dict] = None
         self._backup = WeakTensorKeyDictionary()  # param -> its copy before the step, while a rollback is possible
@@ -355,30 +429,41 @@ class LossGrad(Optimizer):
             group["lr"] = self.param_groups[0]["lr"]  # one object: a value written later is seen as new
         self._note_h(self.param_groups[0]["lr"])
         self._grad_marks: Optional[list] = None  # the gradients the last step used (stale-gradient check)
+        self._equal_probes = 0  # consecutive probes equal to F(x) though the step predicted the whole loss away
         self._constructed = True
 
     def add_param_group(self, param_group: dict) -> None:
+        """Adds a group after checking it: nothing is added when a check fails."""
+        param_group = dict(param_group)
         if getattr(self, "_constructed", False):  # joins at the current h and guard memory, not h0
-            param_group = dict(param_group)
             for key in ("lr", "resolved_lr"):
                 param_group.setdefault(key, self.param_groups[0][key])
-        wd = param_group.get("weight_decay", self.defaults["weight_decay"])
-        if not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
-        _check_threshold(param_group.get("threshold", self.defaults["threshold"]))
-        super().add_param_group(param_group)
-        first, new = self.param_groups[0], self.param_groups[-1]
-        for key in _GLOBAL_OPTIONS:
-            if key == "lr" and _scalar_value("lr", new[key]) == _scalar_value("lr", first[key]):
-                new["lr"] = first["lr"]  # the same h as one object
-                continue
-            if new[key] != first[key]:
+        merged = {**self.defaults, **param_group}
+        param_group.update({key: value for key, value in _checked_options(merged, self.defaults["direction"]).items()
+                            if key in param_group})
+        if self.param_groups:
+            first = self.param_groups[0]
+            checked = {**self.defaults, **param_group}
+            for key in _GLOBAL_OPTIONS:
+                if key == "lr":  # read only when given: the default is h itself
+                    if checked["lr"] is first["lr"] or (
+                            _scalar_value("lr", checked["lr"]) == _scalar_value("lr", first["lr"])):
+                        param_group["lr"] = first["lr"]  # the same h as one object
+                        continue
+                elif checked[key] == first[key]:
+                    continue
                 raise ValueError(
-                    f"param group {len(self.param_groups) - 1} sets {key}={new[key]!r} but group 0 has "
+                    f"param group {len(self.param_groups)} sets {key}={checked[key]!r} but group 0 has "
                     f"{first[key]!r}: LossGrad keeps one step size and one rule for all parameters; "
                     "only weight_decay may differ between groups")
+        super().add_param_group(param_group)
+        if not hasattr(self, "_after_backward"):
+            self._after_backward = WeakTensorKeyDictionary()  # param -> (its gradient, version) after backward
+            self._warned_changed_gradients = False
+        self._watch_gradients(self.param_groups[-1]["params"])
 
     def load_state_dict(self, state_dict: dict) -> None:
+        _refuse_a_foreign_state_dict(state_dict)
         saved = state_dict["param_groups"][0].get("direction", "sgd") if state_dict["param_groups"] else "sgd"
         if saved != self.defaults["direction"]:
             raise ValueError(f"this state dict was saved by LossGrad(direction={saved!r}) and this optimizer has "
@@ -386,6 +471,13 @@ class LossGrad(Optimizer):
         state_dict = dict(state_dict, state=dict(state_dict["state"]))
         legacy = state_dict["state"].pop("resolved", None)  # before resolved_lr: a flag in optimizer.state
         super().load_state_dict(state_dict)
+        # torch casts the buffers to each parameter's dtype; a 16-bit parameter's are kept in float32
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if key in _BUFFERS and isinstance(value, Tensor) and _state_dtype(p.dtype) != p.dtype:
+                    self.state[p][key] = value.to(device=p.device, dtype=_state_dtype(p.dtype))
         for group in self.param_groups:
             if group["resolved_lr"] is None:  # a resolved run may grow back up to the h it was saved at
                 group["resolved_lr"] = _scalar_value("lr", group["lr"]) if legacy else math.inf
@@ -404,10 +496,13 @@ class LossGrad(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, None if key == "resolved_lr" else value)
             group["lr"] = self.param_groups[0]["lr"]  # one object, so that a later write is seen as new
+        self._move_h_to_the_parameters()
         for name, value in (("foreach", _foreach_available()), ("sync_free", None), ("probe_grad", False),
                             ("resolution_dtype", None), ("distributed", None), ("process_group", None)):
             self.__dict__.setdefault(name, value)
         self._last, self._backup, self._grad_marks = None, WeakTensorKeyDictionary(), None
+        self._equal_probes, self._after_backward, self._warned_changed_gradients = 0, WeakTensorKeyDictionary(), False
+        self._watch_gradients([p for group in self.param_groups for p in group["params"]])
         self._note_h(self.param_groups[0]["lr"])
         self._constructed = True
 
@@ -434,7 +529,8 @@ class LossGrad(Optimizer):
             rng_at_x = _rng_state(devices)
             marks = _grad_marks(self.param_groups)
             with torch.enable_grad():
-                loss = _check_loss(closure(), "closure()")
+                loss_at_x = closure()
+                loss = _check_loss(loss_at_x, "closure()")
                 if _new_grads(self.param_groups, marks):
                     raise RuntimeError(_BACKWARD_IN_CLOSURE)
                 try:
@@ -444,11 +540,13 @@ class LossGrad(Optimizer):
                         raise RuntimeError(_BACKWARD_IN_CLOSURE) from error
                     raise
         else:
+            loss_at_x = loss
             loss = _check_loss(loss, "loss")
             if self._grad_marks is not None and _same_grads(self.param_groups, self._grad_marks):
                 raise RuntimeError(
                     "step(closure, loss=loss) found the same gradients as the previous step: call "
                     "loss.backward() on this batch's loss before step (and zero the gradients before it)")
+            self._warn_if_gradients_changed_after_backward()
 
         groups = self._gradient_groups()
         if not groups:
@@ -480,23 +578,22 @@ class LossGrad(Optimizer):
             finite = torch.isfinite(sq_norm) if sync_free and rollback is not None else None
             steps = self._update_direction(params, _times(gradients, scale, self.foreach), finite, sync_free)
             step_scale, slope = 1.0, _inner(gradients, steps, host=not sync_free)
+            if finite is not None:  # G may have been zeroed in place: a non-finite G still reads as one
+                slope = torch.where(finite, slope, math.nan)
         backup = self._save(params) if rollback is not None else None
-        deltas = None
-        if sync_free:
-            deltas = _scaled_by_dtype(steps, -h * step_scale, self.foreach)
-            _add_(params, deltas, 1.0, self.foreach)
-            if backup is not None:
-                deltas = None  # the copy restores x: free the deltas before the probe's forward
-        else:
-            _add_(params, steps, -h * step_scale, self.foreach)
+        _add_scaled_(params, steps, -h * step_scale, self.foreach)
+        if backup is not None:  # the copy restores x: nothing parameter-sized need live through the probe
+            directions = gradients = steps = None
 
         try:
-            f_xp = self._probe(closure, rng_at_x, devices)
+            f_xp = self._probe(closure, rng_at_x, devices, loss_at_x)
+            reg_xp = _regulariser(groups, self.foreach, host=not sync_free)
+            f_x, f_xp = self._all_reduce_mean(f_x, f_xp)
+            if not sync_free:
+                self._refuse_a_blind_probe(h * slope, f_x.item() + reg_x, f_xp.item() + reg_xp)
         except BaseException:
-            self._restore_after_error(params, backup, steps, deltas, h * step_scale)
+            self._restore_after_error(params, backup, steps, h * step_scale)
             raise
-        reg_xp = _regulariser(groups, self.foreach, host=not sync_free)
-        f_x, f_xp = self._all_reduce_mean(f_x, f_xp)
 
         if sync_free:
             resolved_lr = _as_h_tensor(resolved_lr, h)
@@ -526,10 +623,13 @@ class LossGrad(Optimizer):
         were (a non-finite gradient never enters them), without a host sync."""
         options = self.param_groups[0]
         device = params[0].device
-        if finite is not None:
-            gradients = [torch.where(finite, g, 0.0) for g in gradients]
-            gate = lambda on, off: torch.where(finite, torch.tensor(on, dtype=_h_dtype(device), device=device),
-                                               torch.tensor(off, dtype=_h_dtype(device), device=device))
+        gradients = [_at_least_32_bit(g) for g in gradients]  # the buffers' dtype: float32 for 16-bit parameters
+        if finite is not None:  # zeroed in place where this step made G (weight decay, clipping, widening)
+            users = {id(p.grad) for p in params}
+            gradients = [torch.where(finite, g, 0.0) if id(g) in users else g.masked_fill_(~finite, 0.0)
+                         for g in gradients]
+            gate = lambda on, off: torch.where(finite, torch.full((), on, dtype=_h_dtype(device), device=device),
+                                               off)  # torch.full: a fill kernel, not a host-to-device copy
         else:
             gate = lambda on, off: on
         states = [self.state[p] for p in params]
@@ -547,12 +647,15 @@ class LossGrad(Optimizer):
         real = lambda t: torch.view_as_real(t) if t.is_complex() else t  # as torch's Adam: parts separately
         exp_avg = [real(_state_tensor(st, "exp_avg", p)) for st, p in zip(states, params)]
         exp_avg_sq = [real(_state_tensor(st, "exp_avg_sq", p)) for st, p in zip(states, params)]
-        gradients = [real(g) for g in gradients]
-        _mul_(exp_avg, gate(beta1, 1.0), self.foreach)  # m <- b1 m + (1 - b1) G
-        _add_(exp_avg, _times(gradients, gate(1.0 - beta1, 0.0), self.foreach), 1.0, self.foreach)
-        _mul_(exp_avg_sq, gate(beta2, 1.0), self.foreach)  # v <- b2 v + (1 - b2) G^2
-        squares = [g * g for g in gradients]
-        _add_(exp_avg_sq, _times(squares, gate(1.0 - beta2, 0.0), self.foreach), 1.0, self.foreach)
+        gradients = [real(g) for g in gradients]  # gated: zero where a rollback keeps a non-finite G out
+        _mul_(exp_avg, gate(beta1, 1.0), self.foreach)  # m <- b1 m + (1 - b1) G, in place
+        _add_(exp_avg, gradients, 1.0 - beta1, self.foreach)
+        _mul_(exp_avg_sq, gate(beta2, 1.0), self.foreach)  # v <- b2 v + (1 - b2) G^2, in place
+        if self.foreach:
+            torch._foreach_addcmul_(exp_avg_sq, gradients, gradients, value=1.0 - beta2)
+        else:
+            for v, g in zip(exp_avg_sq, gradients):
+                v.addcmul_(g, g, value=1.0 - beta2)
         d = []
         for st, p, m, v in zip(states, params, exp_avg, exp_avg_sq):  # per tensor: each has its own step count
             if "step" not in st:
@@ -564,8 +667,8 @@ class LossGrad(Optimizer):
             else:
                 t = float(st["step"])
                 correction1, root_correction2 = 1 - beta1 ** t, math.sqrt(1 - beta2 ** t)
-            denominator = (v.sqrt() / _like(root_correction2, v)).add_(options["eps"])
-            step = m.div(denominator).div_(_like(correction1, m))  # m^ / (sqrt(v^) + eps)
+            step = v.sqrt().div_(_like(root_correction2, v)).add_(options["eps"])  # one new tensor: d
+            torch.div(m, step, out=step).div_(_like(correction1, m))  # m^ / (sqrt(v^) + eps)
             d.append(torch.view_as_complex(step) if p.is_complex() else step)
         return d
 
@@ -596,30 +699,60 @@ class LossGrad(Optimizer):
 
     def _adopt_external_lr(self) -> None:
         """A value written into param_groups[i]['lr'] since the last step becomes h (with a warning)."""
-        changed = [g["lr"] for g in self.param_groups if not self._is_h(g["lr"])]
+        changed = list({id(g["lr"]): g["lr"] for g in self.param_groups if not self._is_h(g["lr"])}.values())
         if not changed:
             return
-        values = {_scalar_value("lr", v) for v in changed}
-        if len(values) > 1:
-            raise ValueError(f"param groups were given different step sizes {sorted(values)}: LossGrad keeps one h "
-                             "for all groups; write the same value into every param_groups[i]['lr']")
-        value = values.pop()
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"param_groups[i]['lr'] was set to {value!r}; h must be a finite number > 0")
         options = self.param_groups[0]
-        bounded = min(max(value, options["min_lr"]), options["max_lr"])
-        warnings.warn(
-            f"param_groups[i]['lr'] was changed outside LossGrad (to {value:.4g}"
-            + (f", held to [min_lr, max_lr] as {bounded:.4g}" if bounded != value else "")
-            + "): it is the new step size h and the rule adapts from it. A scheduler such as ReduceLROnPlateau "
-            "therefore only restarts h; LOSSGRAD picks the step size itself", stacklevel=3)
+        low, high = options["min_lr"], options["max_lr"]
+        if len(changed) == 1 and isinstance(changed[0], Tensor) and changed[0].numel() == 1 \
+                and changed[0].device.type != "cpu":
+            # A device h written in place (ReduceLROnPlateau on the sync-free path): taken unread, because
+            # reading it would wait for the device; a value that is not a finite number > 0 keeps the last h.
+            value = changed[0].reshape(())
+            usable = torch.isfinite(value) & (value > 0)
+            bounded = torch.where(usable, value.clamp(low, high).to(_h_dtype(value.device)),
+                                  _as_h_tensor(self._h_before, value.device))
+            warnings.warn("param_groups[i]['lr'] was changed outside LossGrad: it is the new step size h (held to "
+                          "[min_lr, max_lr]; not read on the device, so a value that is not a finite number > 0 "
+                          "keeps the previous h) and the rule adapts from it. A scheduler such as "
+                          "ReduceLROnPlateau therefore only restarts h; LOSSGRAD picks the step size itself",
+                          stacklevel=3)
+        else:
+            values = [_scalar_value("lr", v) for v in changed]
+            bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+            if bad:
+                raise ValueError(f"param_groups[i]['lr'] was set to {bad[0]!r}; h must be a finite number > 0")
+            if len(set(values)) > 1:
+                raise ValueError(f"param groups were given different step sizes {sorted(set(values))}: LossGrad "
+                                 "keeps one h for all groups; write the same value into every param_groups[i]['lr']")
+            value = values[0]
+            bounded = min(max(value, low), high)
+            warnings.warn(
+                f"param_groups[i]['lr'] was changed outside LossGrad (to {value:.4g}"
+                + (f", held to [min_lr, max_lr] as {bounded:.4g}" if bounded != value else "")
+                + "): it is the new step size h and the rule adapts from it. A scheduler such as ReduceLROnPlateau "
+                "therefore only restarts h; LOSSGRAD picks the step size itself", stacklevel=3)
         for group in self.param_groups:  # a float: the sync-free path turns it into its tensor at the step
             group["lr"] = bounded
         self._note_h(bounded)
 
+    def _move_h_to_the_parameters(self) -> None:
+        """A tensor h loaded onto another device (a checkpoint mapped to the CPU) goes where the parameters are."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        if not params:
+            return
+        device = params[0].device
+        for key in ("lr", "resolved_lr"):
+            value = self.param_groups[0][key]
+            if isinstance(value, Tensor) and value.device != device:
+                moved = value.to(device=device, dtype=_h_dtype(device))
+                for group in self.param_groups:
+                    group[key] = moved
+
     def _note_h(self, h) -> None:
         """Remembers the h LossGrad wrote (the object, and a tensor's version), to see writes from outside."""
         self._h_written, self._h_version = h, h._version if isinstance(h, Tensor) else None
+        self._h_before = h.detach().clone() if isinstance(h, Tensor) else h  # its value, if written in place
 
     def _is_h(self, value) -> bool:
         return value is self._h_written and (not isinstance(value, Tensor) or value._version == self._h_version)
@@ -658,26 +791,74 @@ class LossGrad(Optimizer):
         _copy_(buffers, params, self.foreach)
         return buffers
 
-    def _restore_after_error(self, params, backup, directions, deltas, step) -> None:
-        """x back from the copy, else by subtracting the step (the deltas on the sync-free path)."""
+    def _restore_after_error(self, params, backup, steps, step_size) -> None:
+        """x back from the copy, else by subtracting the step (recomputed: the same arithmetic as the step)."""
         if backup is not None:
             _copy_(params, backup, self.foreach)
-        elif deltas is not None:
-            _add_(params, deltas, -1.0, self.foreach)
         else:
-            _add_(params, directions, step, self.foreach)
+            _add_scaled_(params, steps, step_size, self.foreach)
 
-    def _probe(self, closure, rng_at_x, devices) -> Tensor:
+    def _probe(self, closure, rng_at_x, devices, loss_at_x) -> Tensor:
         """F_B(x') with the random state of the evaluation at x and no side effect on norm statistics."""
         rng_after = _rng_state(devices)
         if rng_at_x is not None:
             _set_rng_state(rng_at_x, devices)
         try:
-            with _QuietNormLayers(), torch.set_grad_enabled(self.probe_grad):
-                f_xp = _check_loss(closure(), "closure()").detach()
+            with _QuietNormLayers(self._param_ids()), torch.set_grad_enabled(self.probe_grad):
+                probe = closure()
+        except RuntimeError as error:
+            if not self.probe_grad and "does not require grad" in str(error):
+                raise RuntimeError(_PROBE_NEEDS_GRAD) from error
+            raise
         finally:
             _set_rng_state(rng_after, devices)
-        return f_xp
+        if _same_tensor_data(probe, loss_at_x):
+            raise RuntimeError(_STALE_CLOSURE + " (it returned the loss tensor it returned at x)")
+        return _check_loss(probe, "closure()").detach()
+
+    def _param_ids(self) -> set:
+        return {id(p) for group in self.param_groups for p in group["params"]}
+
+    def _refuse_a_blind_probe(self, predicted_decrease: float, f_x: float, f_xp: float) -> None:
+        """Raises after a run of probes that equal F(x) exactly although the step was predicted to remove at
+        least the whole loss: no loss that depends on the parameters does that; a closure that does not
+        recompute the forward pass at x' does (the guard would read it as 'unresolved' and grow h for ever)."""
+        blind = predicted_decrease > 0 and f_xp == f_x and predicted_decrease >= BLIND_FRACTION * abs(f_x)
+        self._equal_probes = self._equal_probes + 1 if blind else 0
+        if self._equal_probes >= _BLIND_PROBES:
+            self._equal_probes = 0
+            raise RuntimeError(f"{_STALE_CLOSURE} (its loss at x' equalled F(x) = {f_x!r} exactly in "
+                               f"{_BLIND_PROBES} steps in a row, each predicted to lower it by at least as much)")
+
+    def _watch_gradients(self, params) -> None:
+        """Notes each gradient's version when backward has written it, to see in-place changes made after it."""
+        owner = weakref.ref(self)
+        for p in params:
+            if isinstance(p, Tensor) and p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook"):
+                def written(param, owner=owner):
+                    optimizer = owner()
+                    if optimizer is not None and param.grad is not None:
+                        optimizer._after_backward[param] = (weakref.ref(param.grad), param.grad._version)
+                p.register_post_accumulate_grad_hook(written)
+
+    def _warn_if_gradients_changed_after_backward(self) -> None:
+        """Warns once when a gradient was changed in place after backward (clipping, unscaling)."""
+        dist = torch.distributed
+        if self._warned_changed_gradients or (dist.is_available() and dist.is_initialized()):
+            return  # DDP writes the averaged gradients after backward's hooks: not a change of the user's
+        for group in self.param_groups:
+            for p in group["params"]:
+                mark = self._after_backward.get(p)
+                if p.grad is not None and mark is not None and (mark[0]() is not p.grad or
+                                                                p.grad._version != mark[1]):
+                    self._warned_changed_gradients = True
+                    warnings.warn(
+                        "the gradients were changed in place after backward (clipped? unscaled?) and before "
+                        "step(closure, loss=loss): the rule predicts the loss's change along the gradient of the "
+                        "loss you passed, so a clipped gradient biases h. Clip inside step with "
+                        "LossGrad(..., max_grad_norm=...). (Unscaling a GradScaler's gradients while passing the "
+                        "unscaled loss is consistent: then ignore this.) Said once", stacklevel=3)
+                    return
 
     def _all_reduce_mean(self, f_x: Tensor, f_xp: Tensor):
         dist = torch.distributed
@@ -710,9 +891,12 @@ def next_step_size_float(h, slope, f_x, f_xp, resolved_lr=math.inf, *, c, thresh
     else:
         undo = False
     ratio = (diff + lred) / lred if lred > 0 else math.nan
-    unresolved = resolution > 0 and slope > 0 and ((lred < noise and abs(diff) <= noise) or diff == 0)
+    blind = resolution > 0 and lred > 0 and diff == 0 and lred >= BLIND_FRACTION * abs(f_x)  # see below
+    unresolved = resolution > 0 and slope > 0 and not blind and ((lred < noise and abs(diff) <= noise) or diff == 0)
     if undo:  # too long a step; but a finite rise along a non-descent direction is the direction's doing
-        new_h = h / c if lred > 0 or not math.isfinite(f_xp) else h
+        new_h = h / c if lred > 0 or not (math.isfinite(f_xp) and math.isfinite(slope)) else h
+    elif blind:  # F(x') == F(x) exactly though the step should change the loss visibly at any float width
+        new_h = h
     elif unresolved:
         new_h = max(h, min(h * c, resolved_lr))  # the probe cannot see this step: climb back, never past
     elif not lred > 0:
@@ -720,7 +904,7 @@ def next_step_size_float(h, slope, f_x, f_xp, resolved_lr=math.inf, *, c, thresh
     else:
         new_h = h * c if ratio <= threshold else h / c
     new_h = min(max(new_h, min_lr), max_lr)
-    if lred > 0 and not unresolved and not undo:
+    if lred > 0 and not unresolved and not undo and not blind:
         resolved_lr = new_h
     return new_h, undo, ratio, resolved_lr
 
@@ -748,14 +932,16 @@ def next_step_size_tensor(h, slope, f_x, f_xp, resolved_lr=None, *, c, threshold
     else:
         undo = torch.zeros_like(positive)
     if resolution > 0:
-        unresolved = (slope > 0) & (((lred < noise) & (diff.abs() <= noise)) | (diff == 0))
+        blind = positive & (diff == 0) & (lred >= BLIND_FRACTION * f_x.abs())
+        unresolved = (slope > 0) & ~blind & (((lred < noise) & (diff.abs() <= noise)) | (diff == 0))
     else:
-        unresolved = torch.zeros_like(positive)
+        blind = unresolved = torch.zeros_like(positive)
     by_ratio = torch.where(positive, torch.where(ratio <= threshold, h * c, h / c), h)
     climb = torch.maximum(h, torch.minimum(h * c, resolved_lr))
-    shrink = torch.where(positive | ~torch.isfinite(f_xp), h / c, h)
-    new_h = torch.where(undo, shrink, torch.where(unresolved, climb, by_ratio)).clamp(min_lr, max_lr)
-    resolved_lr = torch.where(positive & ~unresolved & ~undo, new_h, resolved_lr)
+    shrink = torch.where(positive | ~torch.isfinite(f_xp) | ~torch.isfinite(slope), h / c, h)
+    kept = torch.where(blind, h, torch.where(unresolved, climb, by_ratio))
+    new_h = torch.where(undo, shrink, kept).clamp(min_lr, max_lr)
+    resolved_lr = torch.where(positive & ~unresolved & ~undo & ~blind, new_h, resolved_lr)
     return new_h, undo, ratio, resolved_lr
 
 
@@ -799,11 +985,53 @@ def _powsums(tensors: list, foreach: bool, dtype: Optional[torch.dtype]) -> list
     parts = []
     for acc in {accumulate(t) for t in tensors}:
         bucket = [t for t in tensors if accumulate(t) == acc]
-        if foreach and hasattr(torch, "_foreach_powsum"):
-            parts += torch._foreach_powsum(bucket, 2, dtype=acc)
-        else:
-            parts += [(torch.view_as_real(t) if t.is_complex() else t).to(acc).square().sum() for t in bucket]
+        if not (foreach and hasattr(torch, "_foreach_powsum")):
+            parts += [_chunked_dot(t, t, acc) for t in bucket]
+            continue
+        native = [t for t in bucket if _real_dtype(t.dtype) == acc]  # summed where they lie, no copy
+        if native:
+            parts += torch._foreach_powsum(native, 2, dtype=acc)
+        widened = [t for t in bucket if _real_dtype(t.dtype) != acc]  # widened a bounded number at a time
+        parts += [_chunked_dot(t, t, acc) for t in widened if t.numel() > _CHUNK]
+        for batch in _batches([t for t in widened if t.numel() <= _CHUNK]):
+            parts += torch._foreach_powsum(batch, 2, dtype=acc)
     return parts
+
+
+def _batches(items: list) -> list:
+    """Consecutive runs of ``items`` (tensors, or pairs sized by their last tensor) of at most ``_CHUNK``
+    elements together; a larger one alone."""
+    out, size = [], 0
+    for item in items:
+        numel = (item[-1] if isinstance(item, tuple) else item).numel()
+        if not out or size + numel > _CHUNK:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += numel
+    return out
+
+
+#: Elements widened at a time for a sum in a wider dtype (and added at a time on the sync-free path): the
+#: transient copies stay below 1 << 20 elements (8 MiB in float64), not the size of the largest tensor.
+_CHUNK = 1 << 20
+
+
+def _chunked_dot(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+    """Re <x, y> accumulated in ``dtype``, widening ``_CHUNK`` elements at a time (0-dim tensor)."""
+    flat = lambda t: (torch.view_as_real(t) if t.is_complex() else t).reshape(-1)
+    square = x is y
+    x, y = flat(x), flat(y)
+    pieces = []
+    for start in range(0, max(x.numel(), 1), _CHUNK):
+        a = x[start:start + _CHUNK].to(dtype)
+        pieces.append(torch.dot(a, a if square else y[start:start + _CHUNK].to(dtype)))
+        del a  # before the next piece is widened
+    return pieces[0] if len(pieces) == 1 else torch.stack(pieces).sum()
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype.to_real() if dtype.is_complex else dtype
 
 
 def _directions(groups, foreach: bool, host: bool):
@@ -838,12 +1066,12 @@ def _clip_scale(sq_norm, max_norm):
 
 
 def _scaled_by_dtype(tensors: list, scale: Tensor, foreach: bool) -> list:
-    """New tensors t * scale, each computed in its own dtype's arithmetic (float32 at least), so a small
-    float64 step size is not rounded to the 16-bit dtype of another tensor first."""
+    """New tensors t * scale, each computed and kept in its dtype widened to float32 at least, so that a small
+    step size is not rounded to a 16-bit dtype (and the product not rounded before it is added)."""
     out = [None] * len(tensors)
     for dtype in {t.dtype for t in tensors}:
         index = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-        bucket = [tensors[i] for i in index]
+        bucket = [_at_least_32_bit(tensors[i]) for i in index]
         s = _like(scale, bucket[0])
         products = torch._foreach_mul(bucket, s) if foreach else [t * s for t in bucket]
         for i, t in zip(index, products):
@@ -886,16 +1114,12 @@ def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _inner(a: list, b: list, host: bool):
     """Re sum_i <a_i, b_i>: a Python float when ``host`` (float64 where float32 overflows), else a 0-dim tensor."""
-    def flat(t, dtype):
-        return (torch.view_as_real(t) if t.is_complex() else t).reshape(-1).to(dtype)
-
     device = a[0].device
     wide = _h_dtype(device)
     if not host:
-        return torch.stack([torch.dot(flat(x, wide), flat(y, wide)) for x, y in zip(a, b)]).sum()
+        return torch.stack([_chunked_dot(x, y, wide) for x, y in zip(a, b)]).sum()
     for dtype in (None, wide):
-        parts = [torch.dot(flat(x, dtype or _wide_dtype(x.dtype)), flat(y, dtype or _wide_dtype(x.dtype)))
-                 for x, y in zip(a, b)]
+        parts = [_chunked_dot(x, y, dtype or _wide_dtype(x.dtype)) for x, y in zip(a, b)]
         total = _host_sum(parts) if device.type == "cpu" else torch.stack([p.to(wide) for p in parts]).sum().item()
         if math.isfinite(total):
             break
@@ -903,10 +1127,70 @@ def _inner(a: list, b: list, host: bool):
 
 
 def _state_tensor(state: dict, key: str, like: Tensor) -> Tensor:
-    """A per-parameter buffer of the direction, zero on its first use."""
+    """A per-parameter buffer of the direction, zero on its first use; float32 for a 16-bit parameter (a float16
+    buffer overflows from finite gradients: a second moment at |g| > 256, a momentum sum past 65504)."""
+    dtype = _state_dtype(like.dtype)
     if key not in state:
-        state[key] = torch.zeros_like(like, memory_format=torch.preserve_format)
+        state[key] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
+    elif state[key].dtype != dtype:  # saved by an earlier release in the parameter's 16-bit dtype
+        state[key] = state[key].to(dtype)
     return state[key]
+
+
+def _same_tensor_data(a, b) -> bool:
+    """``a`` is ``b``, or a view of the same memory (a loss returned again, detached or reshaped)."""
+    if a is b:
+        return True
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a.device != b.device or a.device.type == "meta":
+        return False
+    pointer = a.untyped_storage().data_ptr()
+    return pointer != 0 and pointer == b.untyped_storage().data_ptr()
+
+
+def _at_least_32_bit(t: Tensor) -> Tensor:
+    """``t`` itself, or a float32 (complex64) copy of a 16-bit tensor."""
+    return t.to(_state_dtype(t.dtype))  # no copy when the dtype is already that
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a direction's buffers and of step arithmetic: float32 (complex64) for 16-bit tensors."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    if dtype == getattr(torch, "complex32", None):
+        return torch.complex64
+    return dtype
+
+
+def _add_scaled_(params: list, steps: list, scale, foreach: bool) -> None:
+    """p += scale * t: a host number (:func:`_step_`), or a 0-dim tensor, then the products are made a bounded
+    number of elements at a time so that they never take the parameters' size at once."""
+    if not isinstance(scale, Tensor):
+        _step_(params, steps, scale, foreach)
+        return
+    pieces = [(p, t) for p, t in zip(params, steps) if t.numel() <= _CHUNK or not _flat_views_possible(p, t)]
+    for p, t in zip(params, steps):  # a large tensor goes in pieces of its flat view
+        if t.numel() > _CHUNK and _flat_views_possible(p, t):
+            pieces += zip(p.view(-1).split(_CHUNK), t.view(-1).split(_CHUNK))
+    for batch in _batches(pieces):  # (param, step) pairs, sized by the step
+        _add_([p for p, _ in batch], _scaled_by_dtype([t for _, t in batch], scale, foreach), 1.0, foreach)
+
+
+def _flat_views_possible(p: Tensor, t: Tensor) -> bool:
+    return p.is_contiguous() and t.is_contiguous() and p.shape == t.shape and not p.is_complex()
+
+
+def _step_(params: list, steps: list, alpha: float, foreach: bool) -> None:
+    """p += alpha * t on host numbers. A 16-bit step is made in float32 and rounded once, as it is added: a
+    Python alpha passed to a 16-bit kernel is rounded to 16 bits first (1e-8 to 0, 1e-7 to 1.19e-7)."""
+    narrow = [i for i, t in enumerate(steps) if _state_dtype(t.dtype) != t.dtype]
+    if not narrow:
+        _add_(params, steps, alpha, foreach)
+        return
+    wide = [i for i in range(len(steps)) if i not in set(narrow)]
+    if wide:
+        _add_([params[i] for i in wide], [steps[i] for i in wide], alpha, foreach)
+    for i in narrow:
+        params[i].add_(steps[i].to(_state_dtype(steps[i].dtype)).mul_(alpha))
 
 
 def _add_(params: list, tensors: list, alpha, foreach: bool) -> None:
@@ -936,7 +1220,9 @@ def _as_h_tensor(value, like) -> Tensor:
     dtype = _h_dtype(device)
     if isinstance(value, Tensor) and value.device == device and value.dtype == dtype:
         return value
-    return torch.as_tensor(value, dtype=dtype, device=device).clone()
+    if isinstance(value, Tensor):
+        return value.to(device=device, dtype=dtype, copy=True)
+    return torch.full((), float(value), dtype=dtype, device=device)  # a fill kernel: no host-to-device copy
 
 
 def _scalar_value(name: str, value) -> float:
@@ -947,6 +1233,25 @@ def _scalar_value(name: str, value) -> float:
     if not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     return float(value)
+
+
+_BUFFERS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+
+
+def _refuse_a_foreign_state_dict(state_dict) -> None:
+    """Another optimizer's state dict (torch's SGD, Adam, ...) says so instead of loading half-silently."""
+    groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise ValueError("not an optimizer state dict (it needs 'state' and 'param_groups'); "
+                         "pass the dict that optimizer.state_dict() returned")
+    if groups and not {"c", "rollback"} <= set(groups[0]):
+        keys = set(groups[0])
+        guess = ("torch.optim.Adam or AdamW" if "amsgrad" in keys else "torch.optim.SGD" if "dampening" in keys
+                 else "another optimizer")
+        raise ValueError(
+            f"not a LossGrad state dict: its param groups have {sorted(keys - {'params'})}, as saved by {guess}. "
+            "LossGrad cannot resume another optimizer's state (its step size and buffers mean other things); "
+            "load the model's weights and start LossGrad afresh")
 
 
 def _check_loss(value, what: str) -> Tensor:
@@ -1026,30 +1331,39 @@ def _set_rng_state(state, devices) -> None:
 class _QuietNormLayers:
     """During the probe, no module the probe calls changes a running statistic.
 
-    A process-wide forward pre-hook sees every module called, but acts only in the thread that
-    entered the context: a batch norm in training mode is switched to ``track_running_stats=False``
-    (it normalises with the batch statistics, as at x, and updates nothing); an instance norm with
-    tracking (where that switch does nothing) and a TorchScript module (whose submodules the hook
-    cannot see) get their buffers copied and restored. Nothing is kept after the probe.
+    A process-wide forward pre-hook sees every module called. In the thread that entered the context it acts
+    on every module; in other threads (a thread pool inside the forward pass, ``nn.DataParallel``'s replicas)
+    only on modules that own a parameter being optimised, so that another model run concurrently is left
+    alone. A batch norm in training mode is switched to ``track_running_stats=False`` (it normalises with the
+    batch statistics, as at x, and updates nothing); an instance norm with tracking (where that switch does
+    nothing), and a module whose norm layers the hook cannot see as modules (TorchScript, an fx or
+    ``torch.export`` graph module, ``nn.DataParallel``), get their buffers copied and restored. Nothing is
+    kept after the probe.
     """
 
-    def __init__(self):
+    def __init__(self, param_ids: set):
         self.thread = threading.get_ident()
+        self.param_ids = param_ids
+        self.lock = threading.Lock()
         self.switched: list = []
         self.saved: list = []  # (buffer, copy)
         self.seen: set = set()
         self.handle = None
 
     def _hook(self, module, args) -> None:
-        if threading.get_ident() != self.thread or id(module) in self.seen:
+        if threading.get_ident() != self.thread and not any(
+                id(p) in self.param_ids for p in module.parameters(recurse=False)):
             return
-        self.seen.add(id(module))
-        if isinstance(module, torch.jit.ScriptModule) or (
-                isinstance(module, _NormBase) and not isinstance(module, _BatchNorm)):
-            self.saved += [(b, b.clone()) for b in module.buffers()]  # small: statistics, counters
-        elif isinstance(module, _BatchNorm) and module.training and module.track_running_stats:
-            module.track_running_stats = False
-            self.switched.append(weakref.ref(module))
+        with self.lock:
+            if id(module) in self.seen:
+                return
+            self.seen.add(id(module))
+            if isinstance(module, _OPAQUE_MODULES) or (
+                    isinstance(module, _NormBase) and not isinstance(module, _BatchNorm)):
+                self.saved += [(b, b.clone()) for b in module.buffers()]  # small: statistics, counters
+            elif isinstance(module, _BatchNorm) and module.training and module.track_running_stats:
+                module.track_running_stats = False
+                self.switched.append(weakref.ref(module))
 
     def __enter__(self):
         self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self._hook)
@@ -1064,3 +1378,7 @@ class _QuietNormLayers:
         with torch.no_grad():
             for buffer, copy in self.saved:
                 buffer.copy_(copy)
+
+
+#: Modules that run their norm layers as graph ops, not as modules the hook sees: their buffers are restored.
+_OPAQUE_MODULES = (torch.jit.ScriptModule, torch.fx.GraphModule, torch.nn.DataParallel)
