@@ -3,7 +3,8 @@
 - ``companion.data``: datasets (real, with download; synthetic stand-ins for the smoke profile)
 - ``companion.models``: the paper's networks
 - ``companion.baselines``: WNGrad, L4, SGD schedules, and ``make_optimizer``
-- ``companion.train``: the training loop, tasks, run store (resume, skip finished runs)
+- ``companion.store``: the run store (each finished run on disk under its identity; locks, digests)
+- ``companion.train``: the training loop, tasks, ``Experiment`` (run identity; resume, skip finished runs)
 - ``companion.runner``: where runs train (this process, worker processes, SLURM jobs), with progress
 - ``companion.probes``: LOSSGRAD's probe on fresh or eval-mode dropout masks (notebook 08)
 - ``companion.linesearch``: exact minimisers along a direction, measured along a run (notebook 10)
@@ -12,4 +13,4 @@
 - ``companion.quadratic``: the 2-D quadratic of Section 3 (notebook 00)
 """
 
-from . import baselines, data, linesearch, models, probes, profiles, quadratic, report, runner, train  # noqa: F401
+from . import baselines, data, linesearch, models, probes, profiles, quadratic, report, runner, store, train  # noqa: F401

@@ -46,7 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .train import REPORT_SECONDS, Batch, Experiment, batches, evaluate, step_size, tensors_digest, train_step
+from .store import tensors_digest
+from .train import REPORT_SECONDS, Batch, Experiment, batches, evaluate, step_size, train_step
 
 __all__ = ["log_grid", "minimise_log", "along", "trained_parameters", "mean_loss", "mean_gradient", "measure",
            "trace_fit", "trace_steps", "TraceExperiment", "FinalTrainMetrics", "PROFILES"]

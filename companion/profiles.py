@@ -25,6 +25,12 @@ from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILES = ("smoke", "quick", "paper")
+HEADLESS_ENV = "LOSSGRAD_PROGRESS_FILE"  # set by run_all.sh: progress as text lines appended to this file
+
+
+def headless() -> bool:
+    """Progress as text lines (``./run_all.sh``, or ``$LOSSGRAD_PROGRESS=text``), not as bars."""
+    return bool(os.environ.get(HEADLESS_ENV)) or os.environ.get("LOSSGRAD_PROGRESS") == "text"
 
 
 def runs_dir() -> Path:

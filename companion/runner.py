@@ -1,7 +1,7 @@
 """Where a notebook's runs train: in the kernel, in local worker processes, or as SLURM jobs (submitit).
 
 :meth:`companion.train.Experiment.run_all` hands its runs here. Whatever the executor, every run goes
-through the same :class:`~companion.train.RunStore`: a stored run is loaded, not trained; a run is trained
+through the same :class:`~companion.store.RunStore`: a stored run is loaded, not trained; a run is trained
 under its lock (two workers or two notebooks never train the same run); its result lands on disk as soon
 as it finishes; a killed run resumes from its checkpoint. The executor is execution, not science: it is
 not part of any run's identity, and on the CPU a run's numbers do not depend on it given the same torch
@@ -55,10 +55,11 @@ from typing import Optional
 
 import torch
 
-from .train import STORED_ONLY_ENV, StoredRunMissing, fcntl
+from . import train
+from .profiles import HEADLESS_ENV, headless  # noqa: F401 (runner.HEADLESS_ENV, runner.headless)
+from .store import STORED_ONLY_ENV, StoredRunMissing, fcntl
 
 EXECUTORS = ("local", "slurm")
-HEADLESS_ENV = "LOSSGRAD_PROGRESS_FILE"  # set by run_all.sh: progress as text lines appended to this file
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -185,11 +186,6 @@ def _setting(name, value, env, kind):
         return kind(text)
     except ValueError:
         raise ValueError(f"${env} must be a whole number ({name}), got {text!r}") from None
-
-
-def headless() -> bool:
-    """Progress as text lines (``./run_all.sh``, or ``$LOSSGRAD_PROGRESS=text``), not as bars."""
-    return bool(os.environ.get(HEADLESS_ENV)) or os.environ.get("LOSSGRAD_PROGRESS") == "text"
 
 
 # ---------------------------------------------------------------- run_all
@@ -806,3 +802,6 @@ def work(job_file: str) -> None:
         job = cloudpickle.load(handle)
     Path(job_file).unlink(missing_ok=True)
     train_one(job)
+
+
+train.register_executor(run_all)  # Experiment.run / run_all train through here; train never imports this module

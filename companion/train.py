@@ -1,23 +1,23 @@
-"""One training loop for every optimizer of the companion, and the run store that makes reruns cheap.
+"""One training loop for every optimizer of the companion, and what a notebook's runs share.
 
 * :func:`fit` trains a model for a number of epochs with any optimizer (``LossGrad`` through
   its closure, so its probe sees the same dropout masks; L4 with the batch loss; the rest with a
   plain ``step()``), logs the loss and the step size of every step, evaluates train and test
   metrics after every epoch, shows a progress bar, and checkpoints after every epoch so that a
   killed run resumes where it stopped, bit for bit on the CPU.
-* :class:`RunStore` writes each finished run to disk at once and skips it on a rerun.
-* :func:`run` ties both together: seed, model, optimizer, fit, result.
+* :class:`Experiment` holds a notebook's data, task, model and budget, derives each run's identity and
+  trains (or loads) a run through the run store (:mod:`companion.store`, below this module); where its
+  runs train is :mod:`companion.runner`'s business (above it), which registers itself here.
+
+Layers: ``store`` <- ``train`` <- ``runner`` <- notebooks; no module imports one above it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import inspect
 import json
 import math
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -28,16 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-try:
-    import fcntl  # run locks (POSIX)
-except ImportError:  # pragma: no cover - Windows: runs are not locked
-    fcntl = None
-
 from lossgrad import LossGrad
 
-from . import profiles
 from .baselines import make_optimizer
 from .data import atomic_save
+from .profiles import headless
+from .store import RunStore, tensors_digest
 
 Batch = tuple  # a tuple of tensors sharing their first dimension
 
@@ -45,20 +41,11 @@ Batch = tuple  # a tuple of tensors sharing their first dimension
 # run computes (not for refactors that keep them bit for bit): every stored run is then recomputed.
 RUN_CODE_VERSION = 1
 
-# Set to 1, a run that is not stored under its identity raises StoredRunMissing instead of training: a
-# dry check that re-executing a notebook only loads (see RunStore.get).
-STORED_ONLY_ENV = "LOSSGRAD_STORED_ONLY"
-
-
 # The data sets of the last experiment that trained on a GPU, moved there once (Experiment._data_on_device).
 _ON_DEVICE: dict = {}
 
 # How often fit() reports progress within an epoch (seconds).
 REPORT_SECONDS = 2.0
-
-
-class StoredRunMissing(RuntimeError):
-    """``$LOSSGRAD_STORED_ONLY`` is set and a run would be trained (it is absent, or its identity changed)."""
 
 
 # ------------------------------------------------------------------- basics
@@ -319,106 +306,6 @@ def _epoch_metrics(epoch, model, task, train_data, test_data, device, eval_train
     return row
 
 
-# --------------------------------------------------------------- run store
-class RunStore:
-    """Finished runs of one notebook and profile, one file each, under ``runs/<tag>/<notebook>/``.
-
-    ``store.get(name, config, compute)`` returns the stored result when one with the same
-    config exists, else calls ``compute(checkpoint_path)``, writes its result, removes the
-    checkpoint and returns it."""
-
-    def __init__(self, notebook: str, profile: str, overrides: Optional[dict] = None, root: Optional[Path] = None):
-        self.dir = Path(root or profiles.runs_dir()) / profiles.results_tag(profile, overrides) / notebook
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def path(self, name: str) -> Path:
-        if not name or any(ch in name for ch in "/\\"):
-            raise ValueError(f"a run name must be a non-empty file name, got {name!r}")
-        return self.dir / f"{name}.pt"
-
-    def lookup(self, name: str, config: dict) -> Optional[dict]:
-        """The stored result of run ``name`` when it was made with this ``config``, else None."""
-        path = self.path(name)
-        if path.exists():
-            result = torch.load(path, weights_only=False)
-            if result.get("config_digest") == config_digest(config):
-                return result
-        return None
-
-    def why_missing(self, name: str, config: dict) -> str:
-        """Why run ``name`` is not stored under ``config`` (absent, or which entries of its identity changed)."""
-        path = self.path(name)
-        if not path.exists():
-            return "it is not stored"
-        old = torch.load(path, weights_only=False)
-        return "its identity changed since it was stored: " + identity_changes(old.get("config", {}), config)
-
-    def get(self, name: str, config: dict, compute: Callable[[Path], dict]) -> dict:
-        """Under the run's lock: two processes (workers, notebooks) never train the same run; the
-        second waits and then loads what the first stored."""
-        with self.lock(name):
-            return self._get(name, config, compute)
-
-    @contextlib.contextmanager
-    def lock(self, name: str):
-        """An exclusive lock on run ``name`` held while the block runs (an advisory ``flock`` on a file
-        beside the result; the system releases it when the process dies, so a crash leaves no stale lock)."""
-        if fcntl is None:
-            yield
-            return
-        with open(self.dir / f".{self.path(name).stem}.lock", "a") as handle:
-            lock = _lock_exclusively(handle, name)
-            try:
-                yield
-            finally:
-                lock(handle, fcntl.LOCK_UN)
-
-    def _get(self, name: str, config: dict, compute: Callable[[Path], dict]) -> dict:
-        path, digest = self.path(name), config_digest(config)
-        why = "it is not stored"
-        if path.exists():
-            result = torch.load(path, weights_only=False)
-            if result.get("config_digest") == digest:
-                return result
-            why = "its identity changed since it was stored: " + identity_changes(result.get("config", {}), config)
-            print(f"{name}: {why}; running it again")
-        if os.environ.get(STORED_ONLY_ENV) == "1":
-            raise StoredRunMissing(f"{self.dir / name}: {why}; ${STORED_ONLY_ENV}=1 forbids training it")
-        checkpoint = path.with_suffix(f".{digest}.ckpt")
-        result = compute(checkpoint)
-        result.update(name=name, config=config, config_digest=digest)
-        atomic_save(result, path)
-        checkpoint.unlink(missing_ok=True)
-        return result
-
-
-def _lock_exclusively(handle, name: str):
-    """Takes an exclusive lock on ``handle``, waiting (and saying so) while another process holds it; returns
-    the locking function used: ``flock``, or POSIX record locks on filesystems without it (Lustre, some NFS)."""
-    for lock in (fcntl.flock, fcntl.lockf):
-        try:
-            lock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return lock
-        except OSError as err:
-            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                continue  # this kind of lock is not supported here
-            print(f"{name}: another process is training it; waiting for it to finish", flush=True)
-            lock(handle, fcntl.LOCK_EX)
-            return lock
-    raise OSError(f"{name}: no file locking works in {os.path.dirname(handle.name)}")
-
-
-def identity_changes(old: dict, new: dict) -> str:
-    """The entries of a run's identity that differ, as ``key: old -> new`` (for messages)."""
-    keys = sorted(set(old) | set(new))
-    return "; ".join(f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
-                     for k in keys if old.get(k) != new.get(k)) or "(none)"
-
-
-def config_digest(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 # --------------------------------------------------------------------- run
 @dataclass
 class Experiment:
@@ -486,9 +373,7 @@ class Experiment:
         steps=dict(loss, lr, ratio), diverged, seconds, device, torch, extra)``. Trains like
         :meth:`run_all` (progress, executor); trained in this process (``jobs=1``), an error it raises reaches the
         caller as it is, and from a worker or a job as :class:`companion.runner.RunsFailed`."""
-        from .runner import run_all
-
-        return run_all(self, [(label, optimizer, seed, dict(options))], jobs=self.jobs, executor=self.executor)[0]
+        return _execute(self, [(label, optimizer, seed, dict(options))])[0]
 
     def run_name(self, label: str, seed: int) -> str:
         """The file name of a run in the store."""
@@ -552,11 +437,8 @@ class Experiment:
 
         Where the runs train is execution, not part of any run's identity: in this process one after
         another (``jobs=1``), in ``jobs`` worker processes, or as cluster jobs (see :mod:`companion.runner`)."""
-        from .runner import run_all
-
-        return run_all(self, [(label, optimizer, seed, dict(options))
-                              for label, optimizer, options in methods for seed in seeds],
-                       jobs=self.jobs, executor=self.executor)
+        return _execute(self, [(label, optimizer, seed, dict(options))
+                               for label, optimizer, options in methods for seed in seeds])
 
     def _data_digest(self, field: str) -> str:
         cache = self.__dict__.setdefault("_digests", {})
@@ -578,6 +460,23 @@ class Experiment:
         return cache[key]
 
 
+# Where Experiment.run and run_all train their runs: companion.runner registers its run_all here when it is
+# imported (companion/__init__.py imports it), so that this module, a layer below the runner, never imports it.
+_RUN_ALL: Optional[Callable] = None
+
+
+def register_executor(run_all: Callable) -> None:
+    """Called by :mod:`companion.runner`: ``run_all(experiment, runs, jobs=..., executor=...)`` trains runs."""
+    global _RUN_ALL
+    _RUN_ALL = run_all
+
+
+def _execute(experiment: "Experiment", runs: list) -> list:
+    if _RUN_ALL is None:  # pragma: no cover - importing any part of companion imports the runner
+        raise RuntimeError("no executor: import companion (or companion.runner) before running an Experiment")
+    return _RUN_ALL(experiment, runs, jobs=experiment.jobs, executor=experiment.executor)
+
+
 # ------------------------------------------------------------------ helpers
 def model_options_changed(model_fn: Callable, options: Optional[dict]) -> dict:
     """The entries of ``options`` that differ from ``model_fn``'s defaults (an unknown name is an error)."""
@@ -587,16 +486,6 @@ def model_options_changed(model_fn: Callable, options: Optional[dict]) -> dict:
         raise ValueError(f"{getattr(model_fn, '__name__', model_fn)} has no argument(s) {unknown}")
     return {k: v for k, v in (options or {}).items()
             if params[k].default is inspect.Parameter.empty or params[k].default != v}
-
-
-def tensors_digest(tensors, extra=None) -> str:
-    """sha256 (first 16 hex digits) of tensors' dtypes, shapes and bytes, plus ``extra`` (JSON)."""
-    h = hashlib.sha256(json.dumps(extra, default=str).encode())
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 def _describe_task(task) -> dict:
@@ -646,8 +535,6 @@ class _NoBar:
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
-    from .runner import headless
-
     if not enabled or headless():  # run_all.sh: no bar frozen into the executed notebook
         return _NoBar()
     from tqdm.auto import tqdm

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from companion import models, train
+from companion import models, store, train
 from companion.probes import (PROBES, DropoutProbeClassification, log_h_dispersion, mnist_mlp_dropout,
                               probe_closure, probe_noise_share)
 from lossgrad import LossGrad
@@ -161,7 +161,7 @@ def test_probe_mode_is_part_of_the_run_identity(tmp_path, monkeypatch):
         identity = exp.identity("lossgrad", 0, lr=1e-4)
         assert identity["task"] == {"class": "DropoutProbeClassification", "probe": probe}
         assert identity["model_options"] == {"p": 0.5}
-        identities.append(train.config_digest(identity))
+        identities.append(store.config_digest(identity))
     assert len(set(identities)) == len(PROBES)
 
 

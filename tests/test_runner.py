@@ -227,7 +227,7 @@ def test_a_worker_resumes_a_checkpoint_left_by_a_killed_run(data, tmp_path, monk
     monkeypatch.setenv("LOSSGRAD_RUNS", str(tmp_path / "killed"))
     exp = experiment(data, jobs=2)
     config = exp.identity("lossgrad", 0, lr=0.05)
-    checkpoint = exp.store.path("lossgrad-seed0").with_suffix(f".{C.train.config_digest(config)}.ckpt")
+    checkpoint = exp.store.path("lossgrad-seed0").with_suffix(f".{C.store.config_digest(config)}.ckpt")
 
     class Killed(Exception):
         pass
@@ -282,11 +282,11 @@ def test_two_processes_never_train_the_same_run(data):
     first = threading.Thread(target=exp.store.get, args=("sgd-seed0", config, slow))
     first.start()
     started.wait()
-    other = C.train.RunStore("runner_test", "smoke")  # a second store object: another process's view
+    other = C.store.RunStore("runner_test", "smoke")  # a second store object: another process's view
     result = other.get("sgd-seed0", config, second)
     first.join()
     assert trained == ["first"]
-    assert result["config_digest"] == C.train.config_digest(config)
+    assert result["config_digest"] == C.store.config_digest(config)
 
 
 def test_the_submitit_executor_runs_each_run_as_a_job(data, tmp_path, monkeypatch):

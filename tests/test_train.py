@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import companion as C
-from companion.train import Classification, Experiment, Reconstruction, RunStore, fit
+from companion.store import RunStore
+from companion.train import Classification, Experiment, Reconstruction, fit
 
 
 @pytest.fixture(autouse=True)
@@ -373,12 +374,12 @@ def test_changing_the_augmentation_code_its_closure_or_the_code_version_recomput
 def test_stored_only_refuses_to_train_and_says_why(mnist_like, monkeypatch):
     exp = Experiment(**identity_base(mnist_like))
     exp.run("SGD", "sgd", seed=0, lr=0.1)
-    monkeypatch.setenv(C.train.STORED_ONLY_ENV, "1")
+    monkeypatch.setenv(C.store.STORED_ONLY_ENV, "1")
     assert exp.run("SGD", "sgd", seed=0, lr=0.1)["config"]["n_test"] == len(mnist_like["test"][0])  # loads
     shorter = Experiment(**dict(identity_base(mnist_like), test_data=tuple(t[:10] for t in mnist_like["test"])))
-    with pytest.raises(C.train.StoredRunMissing, match="n_test: 100 -> 10"):
+    with pytest.raises(C.store.StoredRunMissing, match="n_test: 100 -> 10"):
         shorter.run("SGD", "sgd", seed=0, lr=0.1)
-    with pytest.raises(C.train.StoredRunMissing, match="not stored"):
+    with pytest.raises(C.store.StoredRunMissing, match="not stored"):
         exp.run("SGD", "sgd", seed=5, lr=0.1)
 
 

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "04_fmnist_autoencoder.ipynb"
 sys.path.insert(0, str(REPO))
 import companion as C  # noqa: E402
+from companion import store as S  # noqa: E402
 from companion import train as T  # noqa: E402
 from companion.data import atomic_save  # noqa: E402
 
@@ -54,7 +55,7 @@ def migrate(profile, report):
         path = exp.store.path(f"{T._slug(label)}-seed{seed}")
         stored = torch.load(path, weights_only=False)
         new = exp.identity(optimizer, seed, **options)
-        if stored["config_digest"] == T.config_digest(new):
+        if stored["config_digest"] == S.config_digest(new):
             report.append((profile, path.name, "already migrated"))
             return dict(stored, label=label, optimizer=optimizer, options=options, seed=seed)
         old = earlier_identity(exp, optimizer, seed, options)
@@ -73,7 +74,7 @@ def migrate(profile, report):
             report.append((profile, path.name, "NOT migrated: " + "; ".join(problems)))
         else:
             worst = max(abs(fresh[k] / epoch0[k] - 1) for k in fresh)
-            stored.update(config=new, config_digest=T.config_digest(new), identity_migration=dict(
+            stored.update(config=new, config_digest=S.config_digest(new), identity_migration=dict(
                 from_digest=stored["config_digest"], tool="tools/migrate_run_identity.py",
                 checks="earlier identity rebuilt from the notebook's settings; epoch-0 train/test MSE of the "
                        f"rebuilt model on the loaded data equal the stored ones (largest relative gap {worst:.1e})"))
