@@ -56,6 +56,15 @@ def mean_std(values: Iterable[float], digits: int = 4) -> str:
     return f"{m:.{digits}g} ± {float(np.std(values, ddof=1)):.2g}"
 
 
+def nan_median(values) -> float:
+    """The median of the values that are not NaN, as ``np.nanmedian`` of the flattened values, but NaN without
+    a RuntimeWarning when none is a number (a group whose every run diverged or every line search missed): in
+    a smoke run which groups those are depends on the machine's rounding, and a warning would show there."""
+    array = np.asarray(values, dtype=float).ravel()
+    array = array[~np.isnan(array)]
+    return float(np.median(array)) if array.size else math.nan
+
+
 def final_metrics(result: dict) -> dict:
     """The last epoch's metrics of a run (NaN for every metric if it diverged)."""
     last = result["epochs"][-1]

@@ -42,6 +42,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+pytestmark = pytest.mark.slow  # run_all.sh per notebook and a browser: ./run_tests.sh --all
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 ARTIFACTS = Path(os.environ.get("LOSSGRAD_TEST_ARTIFACTS", REPO / "build" / "test-artifacts")) / "jupyterlab"
@@ -233,8 +235,9 @@ def browser():
     chrome, driver = _find_browser()
     if not (chrome and driver):
         missing = " and ".join(n for n, p in (("Chromium", chrome), ("chromedriver", driver)) if not p)
-        pytest.skip(f"JupyterLab browser test: {missing} not found; on Debian: apt-get install chromium "
-                    f"chromium-driver (.ci/run does it when it runs as root with apt-get)")
+        pytest.skip(f"JupyterLab browser test: {missing} not found; to run it: apt-get install chromium "
+                    f"chromium-driver (Debian), then ./run_tests.sh --all -k jupyterlab (.ci/run installs them "
+                    f"when it runs as root with apt-get)")
     options = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1400,1000", "--no-first-run", "--disable-extensions"):

@@ -12,6 +12,8 @@ from pathlib import Path
 import papermill
 import pytest
 
+pytestmark = pytest.mark.slow  # every notebook at quick and paper scale: ./run_tests.sh --all
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 

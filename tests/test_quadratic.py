@@ -69,5 +69,7 @@ def test_batched_runs_agree_with_the_real_optimizer_and_the_loops():
         for method, loop in loops.items():
             n = len(loop["h"])
             assert torch.allclose(batched[method]["h"][i, :n], loop["h"], rtol=1e-12, atol=0), method
-            # f agrees to rounding: the optimizer's fused x - h*g and the batched form round differently
-            assert torch.allclose(batched[method]["f"][i, : n + 1], loop["f"], rtol=1e-6, atol=0), method
+            # f agrees to rounding: the optimizer's fused x - h*g and the batched form round differently, and a
+            # run that overshoots (problem 2 climbs to f ~ 1e11 and back) amplifies that, more or less with the
+            # CPU's kernels: 1e-5 relative on one machine, under 1e-6 on another. The h above agree to 1e-12
+            assert torch.allclose(batched[method]["f"][i, : n + 1], loop["f"], rtol=1e-4, atol=0), method

@@ -241,3 +241,18 @@ def test_epoch_median_ignores_the_nan_ratio_of_a_zero_gradient_step():
     run = {"epochs": [{}, {}, {}], "steps": {"ratio": torch.tensor([0.4, float("nan"), 0.6, 0.5, 0.5, 0.5],
                                                                   dtype=torch.float64)}}
     assert R.step_series_per_epoch(run, "ratio", "median").tolist() == [0.4, 0.5]
+
+
+def test_nan_median_is_nanmedian_and_says_nan_quietly_for_a_group_without_numbers():
+    import warnings
+
+    import numpy as np
+
+    from companion.report import nan_median
+
+    values = [3.0, float("nan"), 1.0, float("inf"), 2.0]
+    assert nan_median(values) == np.nanmedian(values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # np.nanmedian warns 'All-NaN slice encountered' here
+        assert math.isnan(nan_median([float("nan"), float("nan")]))
+        assert math.isnan(nan_median([]))

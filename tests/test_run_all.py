@@ -35,6 +35,7 @@ def test_bad_arguments_are_refused_with_a_reason(args, message):
     assert result.returncode == 2 and message in result.stderr
 
 
+@pytest.mark.slow  # worker processes / run_all.sh end to end: ./run_tests.sh --all
 def test_smoke_run_of_one_notebook_reports_a_table_and_keeps_outputs_out_of_the_repo(tmp_path):
     nb = sorted((REPO / "notebooks").glob("00_*.ipynb"))[0]
     before = nb.read_bytes()
@@ -46,6 +47,7 @@ def test_smoke_run_of_one_notebook_reports_a_table_and_keeps_outputs_out_of_the_
     assert nb.read_bytes() == before
 
 
+@pytest.mark.slow  # worker processes / run_all.sh end to end: ./run_tests.sh --all
 def test_parallel_smoke_run_streams_per_run_progress_without_kernel_warnings(tmp_path):
     """--jobs 2: a line per run event in the terminal (run, epoch, metric, runs done, ETA); the kernel
     talks over IPC, so no 'running over TCP without encryption' warning."""
@@ -60,6 +62,7 @@ def test_parallel_smoke_run_streams_per_run_progress_without_kernel_warnings(tmp
     assert {"LOSSGRAD-seed0", "L4-seed0", "SGD_lr=2-seed0", "WNGrad-seed0"} <= stored
 
 
+@pytest.mark.slow  # worker processes / run_all.sh end to end: ./run_tests.sh --all
 def test_a_failing_notebook_gives_a_non_zero_exit_and_the_table_says_so(tmp_path):
     result = run_all("--profile", "smoke", "-p", "no_such_setting", "1", "00", env={"LOSSGRAD_RUNS": str(tmp_path)})
     assert result.returncode == 1

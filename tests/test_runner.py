@@ -69,6 +69,7 @@ def same_runs(a, b):
             assert torch.equal(x["steps"][key], y["steps"][key]), (x["label"], key)
 
 
+@pytest.mark.slow  # worker processes / run_all.sh end to end: ./run_tests.sh --all
 def test_two_workers_give_the_serial_results_bitwise(data, tmp_path, monkeypatch):
     serial = experiment(data, jobs=1).run_all(METHODS, seeds=[0, 1])
     monkeypatch.setenv("LOSSGRAD_RUNS", str(tmp_path / "parallel"))
@@ -79,6 +80,7 @@ def test_two_workers_give_the_serial_results_bitwise(data, tmp_path, monkeypatch
     assert not list(exp.store.dir.glob("*.ckpt"))
 
 
+@pytest.mark.slow  # worker processes / run_all.sh end to end: ./run_tests.sh --all
 def test_runs_of_several_experiments_share_one_pool_of_workers(data, tmp_path, monkeypatch):
     wide = lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 24), nn.Tanh(), nn.Linear(24, 10))  # noqa: E731
     wide.__name__ = "wide_net"
@@ -243,6 +245,7 @@ def test_a_worker_resumes_a_checkpoint_left_by_a_killed_run(data, tmp_path, monk
     same_runs([straight], [resumed])
 
 
+@pytest.mark.slow  # worker processes / run_all.sh end to end: ./run_tests.sh --all
 @pytest.mark.parametrize("task, reason", [(FailingTask(), "RuntimeError: this run is broken"),
                                           (DyingTask(), "killed by SIGKILL")])
 def test_a_failing_worker_is_reported_and_the_others_finish(data, task, reason):
@@ -431,6 +434,7 @@ def test_jupyter_progress_has_a_bar_per_run_and_one_for_the_notebook(data, monke
     assert [b.n for b in made[1:]] == [8, 8]  # 2 epochs x 4 batches each
 
 
+@pytest.mark.slow  # worker processes / run_all.sh end to end: ./run_tests.sh --all
 def test_workers_stop_when_their_kernel_is_killed(data, tmp_path):
     """A kernel killed with SIGKILL (no finally runs) takes its workers with it (Linux)."""
     import signal
