@@ -813,7 +813,8 @@ class LossGrad(Optimizer):
         finally:
             _set_rng_state(rng_after, devices)
         if _same_tensor_data(probe, loss_at_x):
-            raise RuntimeError(_STALE_CLOSURE + " (it returned the loss tensor it returned at x)")
+            raise RuntimeError(_STALE_CLOSURE + " (it returned the loss tensor it returned at x, or one in the same "
+                               "memory: a graph replayed with static outputs, as CUDA graphs do, must return a clone)")
         return _check_loss(probe, "closure()").detach()
 
     def _param_ids(self) -> set:
