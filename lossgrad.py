@@ -86,9 +86,12 @@ Two guards, on by default, change Algorithm 1 only where it fails
   climbs back, and a converged loss, where nothing is left to resolve, never pushes :math:`h`
   above a step size that was seen to work. Without the guard a small :math:`h` drifts down for
   ever, because a loss difference that rounds to zero reads as :math:`r = 1`. A probe exactly equal to
-  :math:`F(x)` although :math:`\ell \ge |F(x)|` (the step should have removed the whole loss) is not
-  unresolved but blind: :math:`h` is held, and on the host path 20 of them in a row raise, since only a
-  closure that does not recompute the loss at :math:`x'` produces them.
+  :math:`F(x) \ne 0` although :math:`\ell \ge \rho_{16}|F(x)|` (:math:`\rho_{16}` = 1.6e-2, the resolution of
+  a bfloat16 loss: the step should change any float loss visibly) is not unresolved: it reads as Algorithm 1
+  reads it, :math:`r = 1`, and :math:`h` shrinks, so equal probes never grow :math:`h` beyond that point. On
+  the host path, 20 equal probes in a row make ``step`` evaluate the closure once with autograd on and raise if its
+  loss does not depend on the parameters (a closure over outputs computed before the step); a loss with
+  surrogate gradients (straight-through estimators) passes.
 
 Beyond the guards
 -----------------
@@ -140,10 +143,11 @@ RESOLUTION_ULPS = 8.0
 ROUNDING_ULPS = 2.0
 
 _ROLLBACKS = (None, "nonfinite", "increase")
-#: A probe exactly equal to F(x) although the step was predicted to change the loss by at least this fraction of
-#: it (the resolution of a bfloat16 loss, the coarsest there is) cannot have seen the step: h is held, not grown.
-#: Only a closure that does not recompute the loss at x' does that for long: after _BLIND_PROBES such probes in a
-#: row the host path raises.
+#: A probe exactly equal to F(x) != 0 although the step was predicted to change the loss by at least this fraction
+#: of it (the resolution of a bfloat16 loss, the coarsest there is) is not below the loss's resolution: the guard
+#: reads it as Algorithm 1 does (r = 1, h shrinks), so equal probes never grow h past that. After _BLIND_PROBES
+#: equal probes in a row the host path checks that the closure's loss at x' depends on the parameters (one
+#: forward and backward with autograd on) and raises if it does not (a closure over outputs from before the step).
 BLIND_FRACTION = 2.0 * torch.finfo(torch.bfloat16).eps
 _BLIND_PROBES = 20
 _STALE_CLOSURE = (
@@ -151,9 +155,10 @@ _STALE_CLOSURE = (
     "each time it is called, e.g. opt.step(lambda: loss_fn(model(x), y)), not opt.step(lambda: loss) nor a "
     "closure over outputs computed before step; recompute them inside the closure")
 _PROBE_NEEDS_GRAD = (
-    "the probe closure failed under torch.no_grad(): your loss differentiates with respect to its inputs "
-    "(autograd.grad inside the loss: physics-informed residuals, gradient penalties). Build the optimizer with "
-    "LossGrad(..., probe_grad=True), which evaluates the probe with autograd on")
+    "the probe closure failed under torch.no_grad(). If your loss differentiates with respect to its inputs "
+    "(autograd.grad inside the loss: physics-informed residuals, gradient penalties), build the optimizer with "
+    "LossGrad(..., probe_grad=True), which evaluates the probe with autograd on. If the closure calls backward, "
+    "remove that: it must only return the loss")
 _BACKWARD_IN_CLOSURE = (
     "the closure called backward: it must only return the loss (LossGrad.step calls backward itself, and a "
     "second backward doubles the gradient or fails). Remove loss.backward() from the closure, or call "
@@ -175,13 +180,15 @@ def _flag(name: str, value, allow_none: bool = False) -> Optional[bool]:
     """A boolean option: True or False (or None where that means automatic). 'no' is not False."""
     if value is None and allow_none:
         return None
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+        value = bool(value)
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be {'True, False or None (automatic)' if allow_none else 'True or False'}, "
                          f"got {value!r}")
     return value
 
 
-def _checked_options(group: dict, direction: str) -> dict:
+def _checked_options(group: dict, direction: str, read_device_lr: bool = True) -> dict:
     """The rule's options of one param group (defaults filled in), validated and normalised.
 
     One check for the constructor, ``add_param_group`` and groups given as dicts, made before a group joins.
@@ -219,10 +226,12 @@ def _checked_options(group: dict, direction: str) -> dict:
     if not isinstance(group["lr"], Tensor):
         lr = _number("lr", group["lr"])
         out["lr"] = lr
-    elif group["lr"].device.type == "cpu":
-        lr = _scalar_value("lr", group["lr"])
+    elif group["lr"].device.type == "cpu" or (read_device_lr and group["lr"].device.type != "meta"):
+        lr = _scalar_value("lr", group["lr"])  # a device tensor is read only while the optimizer is built
     else:
-        lr = None  # a device tensor: reading it would wait for the device (or fail on meta)
+        lr = None  # the shared h on the device: reading it would wait for the device (or fail on meta)
+        if group["lr"].numel() != 1:
+            raise ValueError(f"lr must be a number or a one-element tensor, got shape {tuple(group['lr'].shape)}")
     if lr is not None:
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr is the step size h and must be a finite number > 0, got {group['lr']!r}; "
@@ -238,7 +247,7 @@ def _direction_options(direction, momentum, nesterov, betas, eps):
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
     given = {name: value for name, value in (("momentum", momentum), ("betas", betas), ("eps", eps))
              if value is not None}
-    if nesterov is not False:
+    if nesterov is not False and not (type(nesterov).__module__ == "numpy" and not nesterov):
         given["nesterov"] = nesterov
     allowed = {"sgd": (), "momentum": ("momentum", "nesterov"), "adam": ("betas", "eps")}[direction]
     wrong = sorted(set(given) - set(allowed))
@@ -346,9 +355,10 @@ class LossGrad(Optimizer):
     :math:`x' = x - hG`, evaluates ``closure()`` once more at :math:`x'` and updates :math:`h`.
     It returns the loss at :math:`x`. If the probe raises, the parameters are restored to
     :math:`x` (bitwise with a rollback, else by subtracting the step) before the error propagates.
-    The closure must run the forward pass each time it is called: one that returns a loss computed
-    before the step is refused (see ``resolution_guard``). A loss that differentiates with respect to
-    its inputs needs ``probe_grad=True``; the error says so.
+    The closure must run the forward pass each time it is called: one that returns the loss tensor of
+    :math:`x` is refused; one over outputs computed before the step is refused on the host path with
+    the guard on, and elsewhere its equal probes shrink :math:`h` (see ``resolution_guard``). A loss
+    that differentiates with respect to its inputs needs ``probe_grad=True``; the error says so.
 
     ``step(closure, loss=loss)``: you already ran forward and backward (to reuse the outputs);
     ``step`` then only probes. Gradients left over from the previous step (``backward`` forgotten)
@@ -406,8 +416,6 @@ class LossGrad(Optimizer):
         if resolution_dtype is not None and not (isinstance(resolution_dtype, torch.dtype)
                                                   and resolution_dtype.is_floating_point):
             raise ValueError(f"resolution_dtype must be a floating-point torch.dtype or None, got {resolution_dtype!r}")
-        if isinstance(lr, Tensor) and lr.device.type != "cpu":
-            _scalar_value("lr", lr)  # checked once here, where a read costs nothing yet
         defaults = dict(lr=lr, c=c, threshold=threshold, direction=direction, momentum=momentum, nesterov=nesterov,
                         betas=betas, eps=eps, weight_decay=weight_decay, rollback=rollback,
                         resolution_guard=resolution_guard, max_grad_norm=max_grad_norm, min_lr=min_lr, max_lr=max_lr,
@@ -439,8 +447,9 @@ class LossGrad(Optimizer):
             for key in ("lr", "resolved_lr"):
                 param_group.setdefault(key, self.param_groups[0][key])
         merged = {**self.defaults, **param_group}
-        param_group.update({key: value for key, value in _checked_options(merged, self.defaults["direction"]).items()
-                            if key in param_group})
+        checked = _checked_options(merged, self.defaults["direction"],
+                                   read_device_lr=not getattr(self, "_constructed", False))
+        param_group.update({key: value for key, value in checked.items() if key in param_group})
         if self.param_groups:
             first = self.param_groups[0]
             checked = {**self.defaults, **param_group}
@@ -589,8 +598,9 @@ class LossGrad(Optimizer):
             f_xp = self._probe(closure, rng_at_x, devices, loss_at_x)
             reg_xp = _regulariser(groups, self.foreach, host=not sync_free)
             f_x, f_xp = self._all_reduce_mean(f_x, f_xp)
-            if not sync_free:
-                self._refuse_a_blind_probe(h * slope, f_x.item() + reg_x, f_xp.item() + reg_xp)
+            if not sync_free and options["resolution_guard"]:
+                self._refuse_a_blind_probe(h * slope, f_x.item() + reg_x, f_xp.item() + reg_xp,
+                                           lambda: self._closure_reaches_the_parameters(closure, rng_at_x, devices))
         except BaseException:
             self._restore_after_error(params, backup, steps, h * step_scale)
             raise
@@ -614,6 +624,7 @@ class LossGrad(Optimizer):
                           slope=slope, non_descent=~(slope > 0) if sync_free else not slope > 0,
                           undone=undo, skipped=skipped)
         self._grad_marks = _grad_marks(self.param_groups)
+        self._after_backward = WeakTensorKeyDictionary()  # the next step compares only its own backward's records
         return loss
 
     def _update_direction(self, params, gradients, finite, sync_free) -> list:
@@ -704,10 +715,10 @@ class LossGrad(Optimizer):
             return
         options = self.param_groups[0]
         low, high = options["min_lr"], options["max_lr"]
-        if len(changed) == 1 and isinstance(changed[0], Tensor) and changed[0].numel() == 1 \
-                and changed[0].device.type != "cpu":
-            # A device h written in place (ReduceLROnPlateau on the sync-free path): taken unread, because
-            # reading it would wait for the device; a value that is not a finite number > 0 keeps the last h.
+        if all(isinstance(v, Tensor) and v.numel() == 1 and v.device.type != "cpu" for v in changed):
+            # A device h written in place (ReduceLROnPlateau on the sync-free path), or device tensors written into
+            # the groups (the first group's is taken): unread, because reading would wait for the device; a value
+            # that is not a finite number > 0 keeps the last h.
             value = changed[0].reshape(())
             usable = torch.isfinite(value) & (value > 0)
             bounded = torch.where(usable, value.clamp(low, high).to(_h_dtype(value.device)),
@@ -820,27 +831,54 @@ class LossGrad(Optimizer):
     def _param_ids(self) -> set:
         return {id(p) for group in self.param_groups for p in group["params"]}
 
-    def _refuse_a_blind_probe(self, predicted_decrease: float, f_x: float, f_xp: float) -> None:
-        """Raises after a run of probes that equal F(x) exactly although the step was predicted to remove at
-        least the whole loss: no loss that depends on the parameters does that; a closure that does not
-        recompute the forward pass at x' does (the guard would read it as 'unresolved' and grow h for ever)."""
-        blind = predicted_decrease > 0 and f_xp == f_x and predicted_decrease >= BLIND_FRACTION * abs(f_x)
-        self._equal_probes = self._equal_probes + 1 if blind else 0
+    def _refuse_a_blind_probe(self, predicted_decrease: float, f_x: float, f_xp: float, reaches) -> None:
+        """Counts steps in a row whose probe equals F(x) != 0 exactly; at every ``_BLIND_PROBES``-th, raises unless
+        ``reaches()`` finds that the closure's loss depends on the parameters (a loss below its float resolution, a
+        piecewise-constant loss with surrogate gradients, or a step that lands on an equal loss does; a closure
+        over outputs computed before the step does not). Costs one forward and backward per such run of steps."""
+        equal = predicted_decrease > 0 and f_xp == f_x != 0
+        self._equal_probes = self._equal_probes + 1 if equal else 0
         if self._equal_probes >= _BLIND_PROBES:
             self._equal_probes = 0
-            raise RuntimeError(f"{_STALE_CLOSURE} (its loss at x' equalled F(x) = {f_x!r} exactly in "
-                               f"{_BLIND_PROBES} steps in a row, each predicted to lower it by at least as much)")
+            if not reaches():
+                raise RuntimeError(f"{_STALE_CLOSURE} (its loss at x' equalled F(x) = {f_x!r} exactly in "
+                                   f"{_BLIND_PROBES} steps in a row, and it does not depend on the parameters)")
+
+    def _closure_reaches_the_parameters(self, closure, rng_at_x, devices) -> bool:
+        """Whether the closure, evaluated now (at x') with autograd on, returns a loss with a gradient with respect
+        to some parameter; no side effect on norm statistics, the random stream or ``.grad``."""
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        rng_after = _rng_state(devices)
+        if rng_at_x is not None:
+            _set_rng_state(rng_at_x, devices)
+        try:
+            with _QuietNormLayers(self._param_ids()), torch.enable_grad():
+                value = closure()
+                if not (isinstance(value, Tensor) and value.requires_grad):
+                    return False
+                grads = torch.autograd.grad(value.sum(), params, allow_unused=True)
+        except RuntimeError:  # e.g. 'backward through the graph a second time': outputs from before the step
+            return False
+        finally:
+            _set_rng_state(rng_after, devices)
+        return any(g is not None for g in grads)
 
     def _watch_gradients(self, params) -> None:
         """Notes each gradient's version when backward has written it, to see in-place changes made after it."""
         owner = weakref.ref(self)
+        if "_hooks" not in self.__dict__:  # (ids of the parameters watched, their hooks' handles)
+            self._hooks = (set(), [])
+            weakref.finalize(self, _remove_hooks, self._hooks[1])  # no hook outlives its optimizer
+        watched, handles = self._hooks
         for p in params:
-            if isinstance(p, Tensor) and p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook"):
+            if isinstance(p, Tensor) and p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook") \
+                    and id(p) not in watched:  # ids, not weak references: torch.utils.swap_tensors stays possible
                 def written(param, owner=owner):
                     optimizer = owner()
                     if optimizer is not None and param.grad is not None:
                         optimizer._after_backward[param] = (weakref.ref(param.grad), param.grad._version)
-                p.register_post_accumulate_grad_hook(written)
+                watched.add(id(p))
+                handles.append(p.register_post_accumulate_grad_hook(written))
 
     def _warn_if_gradients_changed_after_backward(self) -> None:
         """Warns once when a gradient was changed in place after backward (clipping, unscaling)."""
@@ -892,12 +930,11 @@ def next_step_size_float(h, slope, f_x, f_xp, resolved_lr=math.inf, *, c, thresh
     else:
         undo = False
     ratio = (diff + lred) / lred if lred > 0 else math.nan
-    blind = resolution > 0 and lred > 0 and diff == 0 and lred >= BLIND_FRACTION * abs(f_x)  # see below
+    blind = resolution > 0 and lred > 0 and diff == 0 and f_x != 0 and lred >= BLIND_FRACTION * abs(f_x)
+    # a blind probe is not 'unresolved': it is read as Algorithm 1 reads it (r = 1, h shrinks)
     unresolved = resolution > 0 and slope > 0 and not blind and ((lred < noise and abs(diff) <= noise) or diff == 0)
     if undo:  # too long a step; but a finite rise along a non-descent direction is the direction's doing
         new_h = h / c if lred > 0 or not (math.isfinite(f_xp) and math.isfinite(slope)) else h
-    elif blind:  # F(x') == F(x) exactly though the step should change the loss visibly at any float width
-        new_h = h
     elif unresolved:
         new_h = max(h, min(h * c, resolved_lr))  # the probe cannot see this step: climb back, never past
     elif not lred > 0:
@@ -905,7 +942,7 @@ def next_step_size_float(h, slope, f_x, f_xp, resolved_lr=math.inf, *, c, thresh
     else:
         new_h = h * c if ratio <= threshold else h / c
     new_h = min(max(new_h, min_lr), max_lr)
-    if lred > 0 and not unresolved and not undo and not blind:
+    if lred > 0 and not unresolved and not undo:
         resolved_lr = new_h
     return new_h, undo, ratio, resolved_lr
 
@@ -933,16 +970,16 @@ def next_step_size_tensor(h, slope, f_x, f_xp, resolved_lr=None, *, c, threshold
     else:
         undo = torch.zeros_like(positive)
     if resolution > 0:
-        blind = positive & (diff == 0) & (lred >= BLIND_FRACTION * f_x.abs())
+        blind = positive & (diff == 0) & (f_x != 0) & (lred >= BLIND_FRACTION * f_x.abs())  # read as r = 1
         unresolved = (slope > 0) & ~blind & (((lred < noise) & (diff.abs() <= noise)) | (diff == 0))
     else:
         blind = unresolved = torch.zeros_like(positive)
     by_ratio = torch.where(positive, torch.where(ratio <= threshold, h * c, h / c), h)
     climb = torch.maximum(h, torch.minimum(h * c, resolved_lr))
     shrink = torch.where(positive | ~torch.isfinite(f_xp) | ~torch.isfinite(slope), h / c, h)
-    kept = torch.where(blind, h, torch.where(unresolved, climb, by_ratio))
+    kept = torch.where(unresolved, climb, by_ratio)
     new_h = torch.where(undo, shrink, kept).clamp(min_lr, max_lr)
-    resolved_lr = torch.where(positive & ~unresolved & ~undo & ~blind, new_h, resolved_lr)
+    resolved_lr = torch.where(positive & ~unresolved & ~undo, new_h, resolved_lr)
     return new_h, undo, ratio, resolved_lr
 
 
@@ -1144,8 +1181,11 @@ def _same_tensor_data(a, b) -> bool:
         return True
     if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a.device != b.device or a.device.type == "meta":
         return False
-    pointer = a.untyped_storage().data_ptr()
-    return pointer != 0 and pointer == b.untyped_storage().data_ptr()
+    try:
+        pointer = a.untyped_storage().data_ptr()
+        return pointer != 0 and pointer == b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # no storage to compare (lazy and XLA tensors, wrapper subclasses)
+        return False
 
 
 def _at_least_32_bit(t: Tensor) -> Tensor:
@@ -1219,10 +1259,10 @@ def _as_h_tensor(value, like) -> Tensor:
     """``value`` as a 0-dim tensor of h's dtype on h's device (``like``: a device or a tensor)."""
     device = like.device if isinstance(like, Tensor) else like
     dtype = _h_dtype(device)
-    if isinstance(value, Tensor) and value.device == device and value.dtype == dtype:
+    if isinstance(value, Tensor) and value.device == device and value.dtype == dtype and value.dim() == 0:
         return value
     if isinstance(value, Tensor):
-        return value.to(device=device, dtype=dtype, copy=True)
+        return value.reshape(()).to(device=device, dtype=dtype, copy=True)
     return torch.full((), float(value), dtype=dtype, device=device)  # a fill kernel: no host-to-device copy
 
 
@@ -1231,12 +1271,15 @@ def _scalar_value(name: str, value) -> float:
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
         return float(value)
-    if not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    return float(value)
+    return _number(name, value)
 
 
 _BUFFERS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+
+
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 def _refuse_a_foreign_state_dict(state_dict) -> None:

@@ -99,6 +99,60 @@ def test_a_16_bit_loss_that_does_not_move_still_lets_a_small_h_grow():
     assert h_of(opt) > 1e-7
 
 
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_a_straight_through_loss_with_a_correct_closure_is_not_refused(sync_free):
+    """BinaryConnect: the forward pass uses sign(w), the backward the identity; most steps leave the loss exactly
+    equal although the closure recomputes it. The host path checks the closure once per 20 equal probes and
+    finds that its loss reaches the parameters."""
+    torch.manual_seed(0)
+    inputs = torch.randn(256, 16)
+    targets = inputs @ torch.sign(torch.randn(16))
+    layer = nn.Linear(16, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.mul_(20)
+
+    def closure():
+        w = layer.weight
+        binary = w + (torch.sign(w) - w).detach()
+        return F.mse_loss((inputs @ binary.t()).squeeze(1), targets)
+
+    opt = LossGrad(layer.parameters(), lr=1e-2, sync_free=sync_free)
+    first = closure().item()
+    for _ in range(200):
+        opt.zero_grad()
+        opt.step(closure)
+    assert closure().item() < 0.8 * first  # it trains (41 -> 26 here; the old guard, which grew h on every
+    # equal probe, went faster on this loss and without bound on a stale closure)
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_a_loss_that_underflowed_to_zero_lets_h_grow(sync_free):
+    """A float16 loss of exactly 0 with a gradient that is not: every probe equals F(x) = 0, which is below any
+    resolution, not a sign of a stale closure."""
+    inputs = torch.full((64, 1), 0.01, dtype=torch.half)
+    targets = torch.full((64, 1), 0.0101, dtype=torch.half)
+    w = nn.Parameter(torch.ones(1, 1, dtype=torch.half))
+    opt = LossGrad([w], lr=1e-2, sync_free=sync_free)
+    for _ in range(300):
+        opt.zero_grad()
+        opt.step(lambda: ((inputs @ w - targets) ** 2).mean())
+    assert h_of(opt) > 1.0
+
+
+def test_with_the_guard_off_equal_probes_are_algorithm_1s_and_never_raise():
+    model = mlp()
+    opt = LossGrad(model.parameters(), lr=1e-4, rollback=None, resolution_guard=False)
+    for step in range(60):
+        x, y = batch(seed=step)
+        opt.zero_grad()
+        out = model(x)
+        loss = F.mse_loss(out, y)
+        loss.backward()
+        h = h_of(opt)
+        opt.step(lambda: F.mse_loss(out, y), loss=loss)
+        assert h_of(opt) == pytest.approx(h / 1.05)  # r = 1: Algorithm 1 shrinks h
+
+
 # ------------------------------------------------------------ one validation for all groups
 @pytest.mark.parametrize("option, value, match", [
     ("lr", -1.0, "lr"), ("lr", 0.0, "lr"), ("c", 0.5, "c must"), ("max_grad_norm", -1.0, "max_grad_norm"),
@@ -412,3 +466,91 @@ def test_a_checkpoint_mapped_to_the_cpu_resumes_with_h_on_the_parameters_device(
         warnings.simplefilter("error")  # loading is not an outside write of h
         resumed.zero_grad()
         resumed.step(lambda: F.mse_loss(model(x), y))
+
+
+def test_loading_state_dicts_again_and_again_adds_no_gradient_hooks():
+    model = mlp()
+    x, y = batch()
+    opt = LossGrad(model.parameters(), lr=1e-3)
+    opt.step(lambda: F.mse_loss(model(x), y))
+    hooks = len(model[0].weight._post_accumulate_grad_hooks)
+    for _ in range(5):
+        opt.load_state_dict(opt.state_dict())
+    assert len(model[0].weight._post_accumulate_grad_hooks) == hooks
+
+
+# ------------------------------------------------------------ the review's second round
+def test_a_closure_returning_a_tensor_without_storage_is_not_mistaken_for_the_loss_at_x():
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    w = nn.Parameter(TwoTensor(torch.ones(3), torch.ones(3)))
+    opt = LossGrad([w], lr=1e-2)
+    opt.step(lambda: (w * w).sum())
+    assert h_of(opt) > 0
+
+
+def test_gradient_hooks_go_with_their_optimizer():
+    import gc
+
+    model = mlp()
+    before = len(model[0].weight._post_accumulate_grad_hooks or {})
+    for _ in range(20):
+        LossGrad(model.parameters(), lr=1e-3)
+    gc.collect()
+    assert len(model[0].weight._post_accumulate_grad_hooks or {}) == before
+
+
+def test_a_parameter_unused_by_this_batch_is_not_a_gradient_changed_after_backward():
+    torch.manual_seed(0)
+    used, unused = nn.Linear(4, 1), nn.Linear(4, 1)
+    x, y = batch()
+    opt = LossGrad(list(used.parameters()) + list(unused.parameters()), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(3):
+            opt.zero_grad(set_to_none=False)
+            model = used if step % 2 == 0 else unused
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            opt.step(lambda: F.mse_loss(model(x), y), loss=loss)
+
+
+def test_a_probe_that_fails_for_want_of_autograd_names_both_causes():
+    """Under no_grad, a closure calling backward fails as an input-gradient loss does: the message names both."""
+    model = mlp()
+    x, y = batch()
+    opt = LossGrad(model.parameters(), lr=1e-3)
+
+    def closure():
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = F.mse_loss(model(x), y)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="probe_grad=True.*calls backward"):
+        opt.step(closure, loss=loss)
+
+
+def test_numpy_values_written_into_lr_and_numpy_bools_are_accepted():
+    model = mlp()
+    x, y = batch()
+    opt = LossGrad(model.parameters(), lr=1e-3, resolution_guard=np.True_)
+    opt.param_groups[0]["lr"] = np.float32(2e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step(lambda: F.mse_loss(model(x), y))
+    assert h_of(opt) in (pytest.approx(2e-3 * 1.05), pytest.approx(2e-3 / 1.05))
+
+
+@pytest.mark.parametrize("lr, match", [(torch.tensor([1e-3, 2e-3]), "one-element"), (torch.tensor(-1.0), "lr")])
+def test_a_tensor_lr_in_a_group_dict_is_checked(lr, match):
+    with pytest.raises(ValueError, match=match):
+        LossGrad([{"params": mlp().parameters(), "lr": lr}])
+
+
+def test_a_one_element_lr_tensor_works_on_the_sync_free_path():
+    w = nn.Parameter(torch.tensor(1.0))
+    opt = LossGrad([w], lr=torch.tensor([1e-2]), sync_free=True)
+    opt.step(lambda: w * w)
+    assert opt.param_groups[0]["lr"].dim() == 0
