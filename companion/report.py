@@ -43,13 +43,14 @@ def save_figure(fig, out_dir: Path, name: str, caption: str = "") -> Path:
 
 
 # ------------------------------------------------------------------ tables
-def mean_std(values: Iterable[float], digits: int = 4) -> str:
-    """'m ± s' over seeds ('m' alone for one seed; 'diverged' when any seed is not finite)."""
+def mean_std(values: Iterable[float], digits: int = 4, not_finite: str = "diverged") -> str:
+    """'m ± s' over seeds ('m' alone for one seed); ``not_finite`` ('diverged') when any seed is not finite:
+    pass ``not_finite="n/a"`` where a NaN means that nothing was measured rather than that a run diverged."""
     values = [float(v) for v in values]
     if not values:
         return ""
     if not all(math.isfinite(v) for v in values):
-        return "diverged"
+        return not_finite
     m = float(np.mean(values))
     if len(values) == 1:
         return f"{m:.{digits}g}"
@@ -58,11 +59,15 @@ def mean_std(values: Iterable[float], digits: int = 4) -> str:
 
 def nan_median(values) -> float:
     """The median of the values that are not NaN, as ``np.nanmedian`` of the flattened values, but NaN without
-    a RuntimeWarning when none is a number (a group whose every run diverged or every line search missed): in
-    a smoke run which groups those are depends on the machine's rounding, and a warning would show there."""
+    a RuntimeWarning when none is a number (a group whose every run diverged or every line search missed), and
+    NaN without one when the two middle values are -inf and inf: in a smoke run which groups those are depends
+    on the machine's rounding, and a warning would show in the notebook there."""
     array = np.asarray(values, dtype=float).ravel()
     array = array[~np.isnan(array)]
-    return float(np.median(array)) if array.size else math.nan
+    if not array.size:
+        return math.nan
+    with np.errstate(invalid="ignore"):  # (-inf + inf) / 2
+        return float(np.median(array))
 
 
 def final_metrics(result: dict) -> dict:

@@ -1,6 +1,6 @@
 """JupyterLab as a reader uses it, and what an executed smoke notebook shows in its outputs.
 
-Cheapest first:
+Cheapest first (the notebooks run through run_all.sh and the browser are the slow tier: ./run_tests.sh --all):
 
 * The kernel: every notebook names ``python3``, the environment's own kernel (ipykernel installs it), which a
   Jupyter started from the environment resolves to the environment's Python, ahead of a user-wide kernel of
@@ -41,18 +41,15 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from notebook_checks import WARNING, WIDGET_VIEW, output_problems, reproducible_env
+from notebook_checks import not_progress as _not_progress
+from notebook_checks import where as _where
 
-pytestmark = pytest.mark.slow  # run_all.sh per notebook and a browser: ./run_tests.sh --all
-
+# The kernel and tidy checks and the progress-text parser are fast; running every notebook through run_all.sh
+# and the browser are the slow tier (./run_tests.sh --all), marked one by one below.
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 ARTIFACTS = Path(os.environ.get("LOSSGRAD_TEST_ARTIFACTS", REPO / "build" / "test-artifacts")) / "jupyterlab"
-WARNING = re.compile("warning", re.IGNORECASE)
-# one rendering of a tqdm bar: "desc:  40%|####      | 4/10 [00:01<00:02, 2.9it/s, postfix]" or, without a
-# total, "desc: 4it [00:01, 2.9it/s]"
-TQDM_BAR = re.compile(r"(\d+%\|[^|]*\| *[\d.]+[kMGTPEZY]?/[\d.]+[kMGTPEZY]? \[[^\]]*\]"
-                      r"|[\d.]+[kMGTPEZY]?\w* \[\d[\d:]*, [^\]]*\])\s*$")
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def _read(path: Path):
@@ -65,49 +62,6 @@ def _tags(cell) -> list:
 
 def _figure_cell(cell) -> bool:
     return cell.cell_type == "code" and "plt.show()" in cell.source
-
-
-def _not_progress(text: str) -> list[str]:
-    """The pieces of stderr text (split at carriage returns and newlines) that are not progress-bar renderings."""
-    return [piece for piece in re.split(r"[\r\n]+", text) if piece.strip() and not TQDM_BAR.search(piece)]
-
-
-def _where(index: int, cell) -> str:
-    first = cell.source.strip().splitlines()[0] if cell.source.strip() else ""
-    return f"cell {index} ({first[:60]!r})"
-
-
-def output_problems(nb) -> list[str]:
-    """Errors, warnings, non-progress stderr text and progress widgets in the outputs of an executed notebook."""
-    problems = []
-    for index, cell in enumerate(nb.cells):
-        for out in cell.get("outputs", []):
-            where = _where(index, cell)
-            kind = out.get("output_type")
-            if kind == "error":
-                problems.append(f"{where}: error output {out.get('ename')}: {out.get('evalue')}")
-                continue
-            texts = []
-            if kind == "stream":
-                text = out.get("text", "")
-                if out.get("name") == "stderr":
-                    rest = _not_progress(text)
-                    if rest:
-                        problems.append(f"{where}: stderr text that is not a progress bar: {rest[:3]}")
-                texts.append(text)
-            else:
-                data = out.get("data", {})
-                if WIDGET_VIEW in data:
-                    problems.append(f"{where}: a widget ({data.get('text/plain', '')!r}); under papermill progress "
-                                    f"must be text: papermill saves no widget state, so this bar stays frozen")
-                texts += [data.get(mime, "") for mime in ("text/plain", "text/html", "text/markdown")]
-            for text in texts:
-                text = "".join(text) if isinstance(text, list) else text
-                match = WARNING.search(text)
-                if match:
-                    problems.append(f"{where}: a warning in a {kind} output: "
-                                    f"{text[max(0, match.start() - 120):match.end() + 200]!r}")
-    return problems
 
 
 # ---------------------------------------------------------------- the kernel, without a browser
@@ -171,13 +125,14 @@ def test_tidy_notebook_removes_only_an_injected_cell_that_repeats_the_defaults()
 
 
 # ---------------------------------------------------------------- executed smoke notebooks (papermill)
+@pytest.mark.slow  # each notebook through run_all.sh (the fast tier's tests/test_notebooks.py checks the outputs too)
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_executed_smoke_notebook_has_no_warning_or_stderr_in_its_outputs(notebook, tmp_path):
     """``run_all.sh --profile smoke NN`` as a user runs it (results under a temporary $LOSSGRAD_RUNS)."""
     watched = [p for p in (REPO / "figures").rglob("*") if p.is_file()] + [notebook]
     before = {p: p.stat().st_mtime_ns for p in watched}
     result = subprocess.run([str(REPO / "run_all.sh"), "--profile", "smoke", notebook.stem], cwd=REPO,
-                            env={**os.environ, "LOSSGRAD_RUNS": str(tmp_path), "OMP_NUM_THREADS": "1"},
+                            env={**os.environ, **reproducible_env(), "LOSSGRAD_RUNS": str(tmp_path)},
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     executed = tmp_path / "smoke" / "notebooks" / notebook.name
@@ -201,6 +156,8 @@ def test_progress_bar_text_is_told_apart_from_other_stderr():
     ])])
     problems = output_problems(nb)
     assert len(problems) == 2 and "TqdmWarning" in problems[0] and "widget" in problems[1], problems
+    problems = output_problems(nb, widgets=True)  # as tests/test_notebooks.py runs them: bars are widgets
+    assert len(problems) == 1 and "TqdmWarning" in problems[0], problems
 
 
 # ---------------------------------------------------------------- a real browser
@@ -271,7 +228,7 @@ def lab(browser, tmp_path_factory):
     notifications = jupyter / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     notifications.parent.mkdir(parents=True)
     notifications.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))  # no news toast
-    env = {**os.environ, "LOSSGRAD_RUNS": str(root / "runs"), "OMP_NUM_THREADS": "1",
+    env = {**os.environ, **reproducible_env(), "LOSSGRAD_RUNS": str(root / "runs"),
            "JUPYTER_CONFIG_DIR": str(jupyter / "config"), "JUPYTER_DATA_DIR": str(jupyter / "data"),
            "JUPYTER_RUNTIME_DIR": str(jupyter / "runtime"), "JUPYTERLAB_SETTINGS_DIR": str(jupyter / "settings"),
            "JUPYTERLAB_WORKSPACES_DIR": str(jupyter / "workspaces")}
@@ -353,6 +310,7 @@ def _session(lab: Lab, path: str):
     return next((s for s in lab.api("sessions") if s["path"] in (path, f"notebooks/{path}")), None)
 
 
+@pytest.mark.slow  # JupyterLab in headless Chromium: ./run_tests.sh --all
 @pytest.mark.parametrize("notebook", BROWSER_NOTEBOOKS, ids=[p.stem for p in BROWSER_NOTEBOOKS])
 def test_run_all_in_jupyterlab_with_the_smoke_profile(notebook, browser, lab):
     from selenium.webdriver.common.action_chains import ActionChains

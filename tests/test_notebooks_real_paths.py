@@ -11,8 +11,7 @@ from pathlib import Path
 
 import papermill
 import pytest
-
-pytestmark = pytest.mark.slow  # every notebook at quick and paper scale: ./run_tests.sh --all
+from notebook_checks import reproducible_env
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -44,6 +43,7 @@ def test_every_notebook_has_budget_overrides():
     assert not missing, f"add quick and paper budget overrides for {missing} to SHRINK in {Path(__file__).name}"
 
 
+@pytest.mark.slow  # every notebook at quick and paper scale: ./run_tests.sh --all
 @pytest.mark.parametrize("profile", ["quick", "paper"])
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_its_real_profile_on_original_format_files(notebook, profile, original_format_data, tmp_path,
@@ -54,6 +54,8 @@ def test_notebook_runs_its_real_profile_on_original_format_files(notebook, profi
     monkeypatch.setenv("LOSSGRAD_DATA", str(root))
     monkeypatch.setenv("LOSSGRAD_CHECKSUMS", str(checksums))
     monkeypatch.setenv("LOSSGRAD_RUNS", str(tmp_path / "runs"))
+    for name, value in reproducible_env().items():  # the kernel inherits them: the same numbers on any machine
+        monkeypatch.setenv(name, value)
     overrides = SHRINK[notebook.name[:2]][profile == "paper"]
     before = {p: p.stat().st_mtime_ns for p in (REPO / "figures").rglob("*") if p.is_file()}
     papermill.execute_notebook(str(notebook), str(tmp_path / notebook.name),

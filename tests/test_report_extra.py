@@ -252,7 +252,18 @@ def test_nan_median_is_nanmedian_and_says_nan_quietly_for_a_group_without_number
 
     values = [3.0, float("nan"), 1.0, float("inf"), 2.0]
     assert nan_median(values) == np.nanmedian(values)
+    assert nan_median([[4.0, float("nan")], [1.0, 2.0]]) == 2.0  # flattened, as np.nanmedian without an axis
+    assert nan_median([float("inf"), float("nan"), float("inf")]) == math.inf
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # np.nanmedian warns 'All-NaN slice encountered' here
         assert math.isnan(nan_median([float("nan"), float("nan")]))
         assert math.isnan(nan_median([]))
+        assert math.isnan(nan_median([-math.inf, math.inf, float("nan")]))  # np.median warns 'invalid value'
+
+
+def test_mean_std_names_what_a_value_that_is_not_finite_means():
+    from companion.report import mean_std
+
+    assert mean_std([1.0, math.nan], 3) == "diverged"  # the default: a run that did not end finite
+    assert mean_std([math.nan, math.nan], 3, not_finite="n/a") == "n/a"  # nothing measured
+    assert mean_std([1.0, 3.0], 3, not_finite="n/a") == "2 ± 1.4"

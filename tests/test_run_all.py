@@ -5,13 +5,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from notebook_checks import reproducible_env
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def run_all(*args, env=None, check=False):
+    """run_all.sh with the threads and code paths that make its runs' numbers the same on any machine."""
     return subprocess.run([str(REPO / "run_all.sh"), *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600, check=check)
+                          env={**os.environ, **reproducible_env(), **(env or {})}, timeout=600, check=check)
 
 
 def test_help_explains_profiles_selection_and_overrides():
