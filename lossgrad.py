@@ -69,6 +69,33 @@ momentum and the Adam form trained for a few epochs, then fell to chance, in eve
 0.71-0.77 test accuracy against tuned SGD's 0.88-0.89. Treat them as experimental; the paper's form
 trained there.
 
+Other verdicts, smoothing, asymmetry and an averaged iterate (notebook 11; ours, off by default)
+-----------------------------------------------------------------------------------------------
+* ``probe='next'``: each step is judged by the *next* batch, on which it was not computed, instead of by
+  :math:`F(x')` on its own. The step :math:`x \to x - h\,d` has start slope :math:`s_0 = \langle G, d\rangle` on
+  its batch; the next step's gradient :math:`G'` (at :math:`x - h\,d`, on the next batch) gives the end slope
+  :math:`s_1 = \langle G', d\rangle`. The parabola with those two slopes has
+  :math:`r = (s_0 - s_1) / (2 s_0)` (on a quadratic the same :math:`r` as the paper's), and :math:`r \le \tfrac12`
+  exactly when :math:`s_1 \ge 0`: :math:`h` grows while the unseen batch's loss still falls at the step's end,
+  the sign of the hypergradient of Baydin et al. (ICLR 2018), applied multiplicatively. The verdict sets the
+  step size of the step that computes :math:`G'`; no probe is evaluated (one forward pass per step, the
+  training step's own; the paper's probe costs a second one), and :math:`d` is kept between steps (one
+  parameter-sized buffer). The first step, a step after one not taken and a step with a parameter new since
+  the last keep :math:`h`; a non-descent step (:math:`s_0 \le 0`) is not judged. ``rollback='increase'`` needs
+  :math:`F(x')` and is refused with it; the resolution guard reads loss differences and does nothing here.
+* ``smoothing`` :math:`\beta \in [0, 1)`: the rule decides on :math:`\bar N / \bar D`, exponential moving
+  averages of the ratio's numerator and denominator (:math:`N = F(x') - F(x) + \ell`, :math:`D = \ell`; with
+  ``probe='next'`` :math:`N = h (s_0 - s_1)/2`, :math:`D = h s_0`), updated on the steps the rule reads (not
+  on undone, unresolved or non-finite ones). ``last['ratio']`` stays the step's own :math:`r`.
+* ``shrink`` :math:`\gamma > 1`: :math:`h \leftarrow h/\gamma` when :math:`r >` threshold (default :math:`c`,
+  the paper). With :math:`\gamma = c^2` h settles where two verdicts in three grow it (Rprop's asymmetric factors,
+  Riedmiller & Braun 1993). Undone and skipped steps still shrink by :math:`c`.
+* ``average`` :math:`\gamma \ge 0`: keeps the polynomial-decay average of the iterates,
+  :math:`\bar x_t = \bar x_{t-1} + \tfrac{1 + \gamma}{t + \gamma}(x_t - \bar x_{t-1})` (Shamir & Zhang 2013, as
+  DoG's averager; 8 is its default). ``opt.eval()`` puts :math:`\bar x` into the parameters for evaluation,
+  ``opt.train()`` (or the next ``step`` or ``zero_grad``) puts the training weights back, bitwise; a state dict
+  saved between the two holds both. One more parameter-sized buffer.
+
 Two guards, on by default, change Algorithm 1 only where it fails
 -----------------------------------------------------------------
 * ``rollback``: ``'nonfinite'`` restores :math:`x` (bitwise, from a copy taken before the step)
@@ -132,7 +159,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.optim.optimizer import Optimizer
 from torch.utils.weak import WeakTensorKeyDictionary
 
-__all__ = ["LossGrad", "RESOLUTION_ULPS", "loss_resolution"]
+__all__ = ["LossGrad", "RESOLUTION_ULPS", "loss_resolution", "judge_by_slopes_float", "judge_by_slopes_tensor"]
 
 #: The loss difference must exceed this many machine epsilons of the accumulation dtype (float32 or
 #: wider) times |F(x)| to be read. A batch-mean loss carries rounding errors of a few ulps (measured:
@@ -165,8 +192,15 @@ _BACKWARD_IN_CLOSURE = (
     "backward yourself and pass the loss: opt.step(closure, loss=loss)")
 # Options that are one value for the whole optimizer; groups may differ only in weight_decay.
 _GLOBAL_OPTIONS = ("lr", "c", "threshold", "direction", "momentum", "nesterov", "betas", "eps", "rollback",
-                   "resolution_guard", "max_grad_norm", "min_lr", "max_lr")
+                   "resolution_guard", "max_grad_norm", "min_lr", "max_lr", "probe", "smoothing", "shrink", "average")
 _DIRECTIONS = ("sgd", "momentum", "adam")
+_PROBES = ("same", "next")
+#: What the rule remembers between steps (in every param group, saved by ``state_dict``): the slope <G, d> of the
+#: last step taken (probe='next'), and the smoothed numerator and denominator of r (smoothing > 0).
+_MEMORY = dict(previous_slope=math.nan, smoothed_num=0.0, smoothed_den=0.0)
+_AVERAGED = ("average", "training_weights")  # per-parameter buffers of the averaged iterate
+#: What an optimizer saved before these options existed was saved under the paper's rule.
+_LEGACY = dict(threshold=0.5, probe="same", smoothing=0.0, shrink=None, average=None)
 
 
 def _number(name: str, value) -> float:
@@ -218,9 +252,32 @@ def _checked_options(group: dict, direction: str, read_device_lr: bool = True) -
         max_grad_norm = _number("max_grad_norm", max_grad_norm)
         if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {group['max_grad_norm']!r}")
+    if group["probe"] not in _PROBES:
+        raise ValueError(f"probe must be one of {_PROBES}, got {group['probe']!r}: 'same' evaluates F(x') on the "
+                         "step's batch (the paper), 'next' judges each step by the next batch's gradient")
+    if group["probe"] == "next" and group["rollback"] == "increase":
+        raise ValueError("rollback='increase' needs F(x') on the step's batch, which probe='next' does not evaluate: "
+                         "use rollback='nonfinite' (a non-finite gradient is still never stepped into) or probe='same'")
+    smoothing = group["smoothing"]
+    if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real) or not 0 <= float(smoothing) < 1:
+        raise ValueError(f"smoothing must be a number in [0, 1) (the weight of the past in the averaged decreases; "
+                         f"0: none, the paper's rule), got {smoothing!r}")
+    shrink = group["shrink"]
+    if shrink is not None:
+        shrink = _number("shrink", shrink)
+        if not (math.isfinite(shrink) and shrink > 1):
+            raise ValueError(f"shrink must be None (the paper: h / c) or a finite number > 1 by which h is divided "
+                             f"when r > threshold, got {group['shrink']!r}")
+    average = group["average"]
+    if average is not None:
+        average = _number("average", average)
+        if not (math.isfinite(average) and average >= 0):
+            raise ValueError(f"average must be None (no averaged iterate) or the polynomial-decay averaging's gamma "
+                             f">= 0 (8 is DoG's default), got {group['average']!r}")
     out.update(c=c, threshold=float(threshold), weight_decay=weight_decay, min_lr=min_lr, max_lr=max_lr,
                max_grad_norm=max_grad_norm, rollback=group["rollback"],
-               resolution_guard=_flag("resolution_guard", group["resolution_guard"]))
+               resolution_guard=_flag("resolution_guard", group["resolution_guard"]), probe=group["probe"],
+               smoothing=float(smoothing), shrink=shrink, average=average)
     out.update(zip(("momentum", "nesterov", "betas", "eps"), _direction_options(
         direction, group["momentum"], group["nesterov"], group["betas"], group["eps"])))
     if not isinstance(group["lr"], Tensor):
@@ -308,6 +365,13 @@ class LossGrad(Optimizer):
             (see the module docstring). At 1 or above, a step that does not lower the loss at all would
             grow :math:`h`. Saved with the param groups; a state dict or pickle from before this option
             loads with 0.5, the rule it was saved under.
+        probe: ``'same'`` (default: :math:`F(x')` on the step's batch, the paper) or ``'next'`` (the next
+            batch's gradient at the step's end point; see the module docstring).
+        smoothing: :math:`\beta \in [0, 1)`, the memory of the averaged decreases the rule decides on
+            (default 0: none, the paper).
+        shrink: the factor :math:`h` is divided by when :math:`r >` threshold (default ``None``: :math:`c`).
+        average: ``None`` (default) or the :math:`\gamma` of a polynomial-decay averaged iterate, which
+            ``opt.eval()`` puts into the parameters (see the module docstring).
         direction: ``'sgd'`` (default; the paper's algorithm), ``'momentum'`` or ``'adam'`` (see the
             module docstring).
         momentum, nesterov: for ``direction='momentum'`` only: :math:`\mu \in [0, 1)` (default 0.9)
@@ -395,6 +459,10 @@ class LossGrad(Optimizer):
         c: float = 1.05,
         *,
         threshold: float = 0.5,
+        probe: str = "same",
+        smoothing: float = 0.0,
+        shrink: Optional[float] = None,
+        average: Optional[float] = None,
         direction: str = "sgd",
         momentum: Optional[float] = None,
         nesterov: bool = False,
@@ -416,10 +484,11 @@ class LossGrad(Optimizer):
         if resolution_dtype is not None and not (isinstance(resolution_dtype, torch.dtype)
                                                   and resolution_dtype.is_floating_point):
             raise ValueError(f"resolution_dtype must be a floating-point torch.dtype or None, got {resolution_dtype!r}")
-        defaults = dict(lr=lr, c=c, threshold=threshold, direction=direction, momentum=momentum, nesterov=nesterov,
+        defaults = dict(lr=lr, c=c, threshold=threshold, probe=probe, smoothing=smoothing, shrink=shrink,
+                        average=average, direction=direction, momentum=momentum, nesterov=nesterov,
                         betas=betas, eps=eps, weight_decay=weight_decay, rollback=rollback,
                         resolution_guard=resolution_guard, max_grad_norm=max_grad_norm, min_lr=min_lr, max_lr=max_lr,
-                        resolved_lr=math.inf)
+                        resolved_lr=math.inf, **_MEMORY)
         if direction not in _DIRECTIONS:
             raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
         defaults.update(_checked_options(defaults, direction))  # the constructor's own values, before any group
@@ -499,9 +568,11 @@ class LossGrad(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self.defaults.setdefault("threshold", 0.5)  # pickled before the option existed: the rule was r <= 1/2
+        for key, value in {**_LEGACY, **_MEMORY}.items():  # pickled before the option existed: the paper's rule
+            self.defaults.setdefault(key, value)
         for group in self.param_groups:  # a state dict from an older version lacks newer options
-            group.setdefault("threshold", 0.5)  # saved under the rule r <= 1/2, whatever this optimizer's default
+            for key, value in {**_LEGACY, **_MEMORY}.items():  # saved under the paper's rule, whatever our defaults
+                group.setdefault(key, value)
             for key, value in self.defaults.items():
                 group.setdefault(key, None if key == "resolved_lr" else value)
             group["lr"] = self.param_groups[0]["lr"]  # one object, so that a later write is seen as new
@@ -531,6 +602,7 @@ class LossGrad(Optimizer):
                 "LossGrad.step needs a closure that returns the loss on the current batch, without "
                 "calling backward, e.g. opt.step(lambda: loss_fn(model(x), y)); got " + repr(closure))
         self._check_no_scheduler()
+        self.train()  # the training weights, if eval() put the averaged ones in
         self._adopt_external_lr()
         devices = self._devices()
         rng_at_x = None
@@ -572,7 +644,9 @@ class LossGrad(Optimizer):
                          {loss.dtype, self.resolution_dtype or loss.dtype} | {p.dtype for p in params})
         rule = dict(c=options["c"], threshold=options["threshold"], rollback=rollback,
                     resolution=resolution if options["resolution_guard"] else 0.0, min_lr=options["min_lr"],
-                    max_lr=options["max_lr"])
+                    max_lr=options["max_lr"], smoothing=options["smoothing"], shrink=options["shrink"])
+        memory = {key: options[key] for key in _MEMORY}
+        memory = {key: _as_h_tensor(value, h) if sync_free else float(value) for key, value in memory.items()}
 
         # F(x), G and ||G||^2, the clip scale s, the direction d (with its slope <G, d>), the step x' = x - h d
         f_x = loss.detach()
@@ -581,6 +655,9 @@ class LossGrad(Optimizer):
         gradients = [d for ds in directions for d in ds]
         if not sync_free and rollback is not None and not math.isfinite(sq_norm):
             return self._skip(loss, h, sq_norm, rule)  # a non-finite step is never taken
+        next_probe = options["probe"] == "next"
+        if next_probe:  # the last step, judged by this batch's gradient at its end point, sets this step's h
+            h, ratio, memory = self._judge_the_last_step(params, gradients, h, memory, sync_free, rule)
         if options["direction"] == "sgd":  # d = s G, kept as G with the scale in the step size
             steps, step_scale, slope = gradients, scale, sq_norm * scale
         else:
@@ -589,6 +666,9 @@ class LossGrad(Optimizer):
             step_scale, slope = 1.0, _inner(gradients, steps, host=not sync_free)
             if finite is not None:  # G may have been zeroed in place: a non-finite G still reads as one
                 slope = torch.where(finite, slope, math.nan)
+        if next_probe:
+            return self._step_without_probe(loss, params, steps, step_scale, h, slope, sq_norm, scale, ratio, memory,
+                                            sync_free)
         backup = self._save(params) if rollback is not None else None
         _add_scaled_(params, steps, -h * step_scale, self.foreach)
         if backup is not None:  # the copy restores x: nothing parameter-sized need live through the probe
@@ -607,19 +687,20 @@ class LossGrad(Optimizer):
 
         if sync_free:
             resolved_lr = _as_h_tensor(resolved_lr, h)
-            h, undo, ratio, resolved_lr = next_step_size_tensor(h, slope, f_x + reg_x, f_xp + reg_xp, resolved_lr,
-                                                                **rule)
+            h, undo, ratio, resolved_lr, memory = next_step_size_tensor(h, slope, f_x + reg_x, f_xp + reg_xp,
+                                                                        resolved_lr, memory=memory, **rule)
             if backup is not None:
                 for p, saved in zip(params, backup):  # where, not arithmetic: x' may be inf or NaN
                     torch.where(undo, saved, p, out=p)
             skipped = undo & ~torch.isfinite(sq_norm)
         else:
-            new_h, undo, ratio, resolved_lr = next_step_size_float(h, slope, f_x.item() + reg_x, f_xp.item() + reg_xp,
-                                                                   resolved_lr, **rule)
+            new_h, undo, ratio, resolved_lr, memory = next_step_size_float(
+                h, slope, f_x.item() + reg_x, f_xp.item() + reg_xp, resolved_lr, memory=memory, **rule)
             if undo:
                 _copy_(params, backup, self.foreach)
             h, skipped = new_h, False
-        self._set_h(h, resolved_lr)
+        self._set_h(h, resolved_lr, memory)
+        self._update_average(params)
         self._last = dict(loss=f_x, probe_loss=f_xp, ratio=ratio, sq_grad_norm=sq_norm, clip_scale=scale,
                           slope=slope, non_descent=~(slope > 0) if sync_free else not slope > 0,
                           undone=undo, skipped=skipped)
@@ -685,19 +766,115 @@ class LossGrad(Optimizer):
 
     # --------------------------------------------------------------- helpers
     def _skip(self, loss, h, sq_norm, rule):
-        """The step is not taken (its gradient is not finite): h shrinks as for a non-finite probe."""
+        """The step is not taken (its gradient is not finite): h shrinks as for a non-finite probe, and with
+        probe='next' the last step is not judged by it (nor is this one, never taken)."""
         new_h = min(max(h / rule["c"], rule["min_lr"]), rule["max_lr"])
-        self._set_h(new_h, self.param_groups[0]["resolved_lr"])
+        memory = {key: self.param_groups[0][key] for key in _MEMORY}
+        self._set_h(new_h, self.param_groups[0]["resolved_lr"], dict(memory, previous_slope=math.nan))
         self._last = dict(loss=loss.detach(), probe_loss=math.nan, ratio=math.nan, sq_grad_norm=sq_norm,
                           clip_scale=math.nan, slope=math.nan, non_descent=True, undone=True, skipped=True)
         self._grad_marks = _grad_marks(self.param_groups)
         return loss
 
-    def _set_h(self, h, resolved_lr) -> None:
+    def _set_h(self, h, resolved_lr, memory: Optional[dict] = None) -> None:
         for group in self.param_groups:
             group["lr"] = h
             group["resolved_lr"] = resolved_lr
+            group.update(memory or {})
         self._note_h(h)
+
+    # ------------------------------------------------------ the averaged iterate
+    def eval(self) -> None:
+        """With ``average``: puts the averaged iterate into the parameters (keeping the training weights), for
+        evaluation. ``train()``, the next ``step`` or ``zero_grad`` puts the training weights back. Without
+        ``average`` it does nothing."""
+        if self.param_groups[0]["average"] is None:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if "average" in state and "training_weights" not in state:
+                    state["training_weights"] = p.detach().clone()
+                    with torch.no_grad():
+                        p.copy_(state["average"])
+
+    def train(self) -> None:
+        """Puts the training weights back after :meth:`eval` (bitwise); does nothing otherwise."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                saved = self.state[p].pop("training_weights", None) if p in self.state else None
+                if saved is not None:
+                    with torch.no_grad():
+                        p.copy_(saved)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.train()
+        super().zero_grad(set_to_none=set_to_none)
+
+    def _update_average(self, params) -> None:
+        """x_bar <- x_bar + w (x - x_bar), w = (1 + gamma) / (t + gamma) at the t-th step (polynomial-decay averaging,
+        Shamir & Zhang 2013, as DoG uses it); w is a host number, so no path waits for the device."""
+        gamma = self.param_groups[0]["average"]
+        if gamma is None:
+            return
+        t = self.param_groups[0].get("averaged_steps", 0) + 1
+        for group in self.param_groups:
+            group["averaged_steps"] = t
+        weight = (1.0 + gamma) / (t + gamma)
+        averages = []
+        for p in params:
+            state = self.state[p]
+            if "average" not in state or state["average"].shape != p.shape:
+                state["average"] = p.detach().clone()  # a parameter's first step: its average starts at x
+            averages.append(state["average"])
+        if self.foreach:
+            torch._foreach_lerp_(averages, [p.detach() for p in params], weight)
+        else:
+            for a, p in zip(averages, params):
+                a.lerp_(p.detach(), weight)
+
+    def _judge_the_last_step(self, params, gradients, h, memory, sync_free, rule):
+        """probe='next': the step size for this step, from the last step judged by this batch's gradient G at
+        its end point (s1 = <G, d_last>) against its start slope s0 (see the module docstring). The first step,
+        one after a step that was not taken, and one with a parameter new since the last step keep h."""
+        last = [self.state[p].get("previous_step") for p in params]
+        if any(d is None or d.shape != p.shape for d, p in zip(last, params)):
+            return h, (torch.full((), math.nan, dtype=h.dtype, device=h.device) if sync_free else math.nan), memory
+        s1 = _inner(gradients, last, host=not sync_free)
+        judge = judge_by_slopes_tensor if sync_free else judge_by_slopes_float
+        return judge(h, memory["previous_slope"], s1, memory, c=rule["c"], threshold=rule["threshold"],
+                     smoothing=rule["smoothing"], shrink=rule["shrink"], min_lr=rule["min_lr"], max_lr=rule["max_lr"])
+
+    def _step_without_probe(self, loss, params, steps, step_scale, h, slope, sq_norm, scale, ratio, memory,
+                            sync_free):
+        """probe='next': x' = x - h d is taken without a probe; d and <G, d> are kept for the next step's verdict.
+        A non-finite gradient is never stepped into with a rollback (the host path skipped it before; here the
+        sync-free path puts x back from its copy), and its step is not judged later."""
+        rollback = self.param_groups[0]["rollback"]
+        backup = self._save(params) if rollback is not None and sync_free else None
+        _add_scaled_(params, steps, -h * step_scale, self.foreach)
+        kept = [_state_tensor(self.state[p], "previous_step", p) for p in params]
+        _copy_(kept, _times(steps, step_scale, self.foreach), self.foreach)  # d, as this step took it
+        if sync_free:
+            finite = torch.isfinite(sq_norm) & torch.isfinite(slope)
+            undo = ~finite if rollback is not None else torch.zeros_like(finite)
+            if backup is not None:
+                for p, saved in zip(params, backup):
+                    torch.where(undo, saved, p, out=p)
+            memory = dict(memory, previous_slope=torch.where(finite, slope.to(h.dtype), math.nan))
+            skipped = undo
+        else:
+            undo = skipped = False
+            memory = dict(memory, previous_slope=slope if math.isfinite(slope) else math.nan)
+        self._set_h(h, self.param_groups[0]["resolved_lr"], memory)
+        self._update_average(params)
+        nan = torch.full((), math.nan) if not sync_free else torch.full((), math.nan, device=h.device)
+        self._last = dict(loss=loss.detach(), probe_loss=nan, ratio=ratio, sq_grad_norm=sq_norm, clip_scale=scale,
+                          slope=slope, non_descent=~(slope > 0) if sync_free else not slope > 0,
+                          undone=undo, skipped=skipped)
+        self._grad_marks = _grad_marks(self.param_groups)
+        self._after_backward = WeakTensorKeyDictionary()
+        return loss
 
     def _check_no_scheduler(self) -> None:
         if any("initial_lr" in group for group in self.param_groups):
@@ -915,10 +1092,13 @@ class LossGrad(Optimizer):
 
 # ------------------------------------------------------------------- the rule
 def next_step_size_float(h, slope, f_x, f_xp, resolved_lr=math.inf, *, c, threshold=0.5, rollback, resolution, min_lr,
-                         max_lr):
-    """One decision of the rule on host numbers; ``slope`` is <G, d> (||G||^2 unclipped); h grows if ratio <= threshold.
+                         max_lr, smoothing=0.0, shrink=None, memory=None):
+    """One decision of the rule on host numbers; ``slope`` is <G, d> (||G||^2 unclipped); h grows if ratio <= threshold
+    (with ``smoothing``, the ratio of the averaged numerator and denominator in ``memory``), else shrinks by
+    ``shrink`` (None: c).
 
-    Returns (new h, undo the step?, ratio, resolved_lr: the h chosen after the last resolved step kept)."""
+    Returns (new h, undo the step?, ratio, resolved_lr: the h chosen after the last resolved step kept, memory)."""
+    memory = dict(_MEMORY, **(memory or {}))
     lred = h * slope
     diff = f_xp - f_x
     noise = resolution * abs(f_x)
@@ -940,18 +1120,75 @@ def next_step_size_float(h, slope, f_x, f_xp, resolved_lr=math.inf, *, c, thresh
     elif not lred > 0:
         new_h = h  # zero gradient: nothing to learn from
     else:
-        new_h = h * c if ratio <= threshold else h / c
+        decisive, memory = _smoothed_float(ratio, diff + lred, lred, memory, smoothing)
+        new_h = h * c if decisive <= threshold else h / (shrink or c)
     new_h = min(max(new_h, min_lr), max_lr)
     if lred > 0 and not unresolved and not undo:
         resolved_lr = new_h
-    return new_h, undo, ratio, resolved_lr
+    return new_h, undo, ratio, resolved_lr, memory
+
+
+def _smoothed_float(ratio, num, den, memory, smoothing):
+    """The ratio the rule decides on: r itself, or with ``smoothing`` b the ratio of the exponential moving averages
+    of its numerator and denominator (r_bar = N/D, N <- b N + (1 - b) num, D <- b D + (1 - b) den), and the memory."""
+    if not smoothing:
+        return ratio, memory
+    if not (math.isfinite(num) and math.isfinite(den)):
+        return ratio, memory  # a NaN ratio shrinks h and never enters the averages
+    n = smoothing * memory["smoothed_num"] + (1 - smoothing) * num
+    d = smoothing * memory["smoothed_den"] + (1 - smoothing) * den
+    return n / d, dict(memory, smoothed_num=n, smoothed_den=d)
+
+
+def judge_by_slopes_float(h, s0, s1, memory, *, c, threshold=0.5, smoothing=0.0, shrink=None, min_lr=0.0,
+                          max_lr=math.inf):
+    """probe='next' on host numbers: the last step x -> x - h d, whose start slope on its own batch was ``s0`` =
+    <G_last, d>, judged by ``s1`` = <G, d>, the slope of the next batch's loss at its end point. On the parabola
+    with those end slopes r = (s0 - s1) / (2 s0); h grows when r <= threshold (as on the paper's parabola).
+    Returns (new h, r, memory); no step to judge (s0 NaN) or a non-descent one (s0 <= 0) keeps h, and a non-finite
+    s1 shrinks it."""
+    memory = dict(_MEMORY, **(memory or {}))
+    if not (math.isfinite(s0) and s0 > 0):
+        return h, math.nan, memory
+    if not math.isfinite(s1):
+        return min(max(h / c, min_lr), max_lr), math.nan, memory
+    ratio = (s0 - s1) / (2 * s0)
+    decisive, memory = _smoothed_float(ratio, h * (s0 - s1) / 2, h * s0, memory, smoothing)
+    new_h = h * c if decisive <= threshold else h / (shrink or c)
+    return min(max(new_h, min_lr), max_lr), ratio, memory
+
+
+def judge_by_slopes_tensor(h, s0, s1, memory, *, c, threshold=0.5, smoothing=0.0, shrink=None, min_lr=0.0,
+                           max_lr=math.inf):
+    """:func:`judge_by_slopes_float` with tensor ops only (no host sync)."""
+    dtype = h.dtype
+    s0, s1 = s0.to(dtype), s1.to(dtype)
+    judged = torch.isfinite(s0) & (s0 > 0)
+    ratio = torch.where(judged, (s0 - s1) / torch.where(judged, 2 * s0, torch.ones_like(s0)), math.nan)
+    decisive, memory = _smoothed_tensor(ratio, h * (s0 - s1) / 2, h * s0, memory, smoothing, judged)
+    by_ratio = torch.where(decisive <= threshold, h * c, h / (shrink or c))
+    new_h = torch.where(judged, torch.where(torch.isfinite(s1), by_ratio, h / c), h).clamp(min_lr, max_lr)
+    return new_h, ratio, memory
+
+
+def _smoothed_tensor(ratio, num, den, memory, smoothing, counted):
+    """:func:`_smoothed_float` with tensor ops only; ``counted``: where this step may enter the averages."""
+    if not smoothing:
+        return ratio, memory
+    counted = counted & torch.isfinite(num) & torch.isfinite(den)
+    n = torch.where(counted, smoothing * memory["smoothed_num"] + (1 - smoothing) * num, memory["smoothed_num"])
+    d = torch.where(counted, smoothing * memory["smoothed_den"] + (1 - smoothing) * den, memory["smoothed_den"])
+    decisive = torch.where(counted, n / torch.where(counted, d, torch.ones_like(d)), ratio)
+    return decisive, dict(memory, smoothed_num=n, smoothed_den=d)
 
 
 def next_step_size_tensor(h, slope, f_x, f_xp, resolved_lr=None, *, c, threshold=0.5, rollback, resolution, min_lr,
-                          max_lr):
+                          max_lr, smoothing=0.0, shrink=None, memory=None):
     """The same decision as :func:`next_step_size_float` with tensor ops only (no host sync).
 
-    Returns (new h, undo mask, ratio, resolved_lr)."""
+    Returns (new h, undo mask, ratio, resolved_lr, memory)."""
+    memory = {key: torch.as_tensor(value, dtype=h.dtype, device=h.device) if not isinstance(value, Tensor) else value
+              for key, value in dict(_MEMORY, **(memory or {})).items()}
     if resolved_lr is None:
         resolved_lr = torch.full_like(h, math.inf)
     dtype = h.dtype
@@ -974,13 +1211,15 @@ def next_step_size_tensor(h, slope, f_x, f_xp, resolved_lr=None, *, c, threshold
         unresolved = (slope > 0) & ~blind & (((lred < noise) & (diff.abs() <= noise)) | (diff == 0))
     else:
         blind = unresolved = torch.zeros_like(positive)
-    by_ratio = torch.where(positive, torch.where(ratio <= threshold, h * c, h / c), h)
+    decides = positive & ~unresolved & ~undo
+    decisive, memory = _smoothed_tensor(ratio, diff + lred, lred, memory, smoothing, decides)
+    by_ratio = torch.where(positive, torch.where(decisive <= threshold, h * c, h / (shrink or c)), h)
     climb = torch.maximum(h, torch.minimum(h * c, resolved_lr))
-    shrink = torch.where(positive | ~torch.isfinite(f_xp) | ~torch.isfinite(slope), h / c, h)
+    shrunk = torch.where(positive | ~torch.isfinite(f_xp) | ~torch.isfinite(slope), h / c, h)
     kept = torch.where(unresolved, climb, by_ratio)
-    new_h = torch.where(undo, shrink, kept).clamp(min_lr, max_lr)
-    resolved_lr = torch.where(positive & ~unresolved & ~undo, new_h, resolved_lr)
-    return new_h, undo, ratio, resolved_lr
+    new_h = torch.where(undo, shrunk, kept).clamp(min_lr, max_lr)
+    resolved_lr = torch.where(decides, new_h, resolved_lr)
+    return new_h, undo, ratio, resolved_lr, memory
 
 
 # ------------------------------------------------------ multi-tensor / per-tensor

@@ -317,7 +317,8 @@ def make_optimizer(name: str, params, **options) -> tuple[Optimizer, LRScheduler
       adam_steps     lr, beta1 [0.9], beta2 [0.999], weight_decay [0], milestones [()],
                      factors [()]: lr multiplied by each factor once that many epochs finished
                      (the WAE paper's "original" optimizer: lr 1e-3, beta1 0.5, (30, 50), (0.5, 0.2))
-      lossgrad       every option passed straight to lossgrad.LossGrad
+      lossgrad       every option passed straight to lossgrad.LossGrad; with average=..., returned with an
+                     :class:`EvaluationWeights` (its averaged iterate is evaluated)
     Today's learning-rate-free peers (``PEER_NAMES``; notebook 09), each its package's class with every option
     passed on (the package's defaults otherwise), behind a :class:`PeerOptimizer` that logs its step size:
       dadapt_sgd, dadapt_adam   dadaptation.DAdaptSGD, DAdaptAdam (the package says: lr=1.0, its default)
@@ -336,7 +337,8 @@ def make_optimizer(name: str, params, **options) -> tuple[Optimizer, LRScheduler
         from lossgrad import LossGrad  # lazy: repo-root module, imported only when asked for
         if "epochs" in options and not _takes_option(LossGrad, "epochs"):
             options.pop("epochs")
-        return LossGrad(params, **options), None
+        opt = LossGrad(params, **options)
+        return opt, EvaluationWeights(opt) if options.get("average") is not None else None
     if name not in _ACCEPTED:
         raise ValueError(f"unknown optimizer name {name!r}; valid names: "
                          f"{', '.join(OPTIMIZER_NAMES + PEER_NAMES)}")
@@ -702,7 +704,8 @@ def last_iterate(model: torch.nn.Module):
 
 
 class EvaluationWeights:
-    """The per-epoch object ``make_optimizer`` returns with a schedule-free or DoG peer, in the place of an LR
+    """The per-epoch object ``make_optimizer`` returns with a schedule-free or DoG peer (or LossGrad with
+    ``average``), in the place of an LR
     scheduler: ``fit`` steps it at the end of every epoch, right before it evaluates and checkpoints, and it
     puts the weights the package says to evaluate into the model (schedule-free's x, DoG's average). The next
     ``zero_grad``/``step`` puts the training weights back. It has no state of its own."""
@@ -711,7 +714,10 @@ class EvaluationWeights:
         self.optimizer = optimizer
 
     def step(self) -> None:
-        self.optimizer.use_evaluation_weights()
+        if isinstance(self.optimizer, PeerOptimizer):
+            self.optimizer.use_evaluation_weights()
+        else:  # LossGrad(average=...): its averaged iterate, until its next step or zero_grad
+            self.optimizer.eval()
 
     def state_dict(self) -> dict:
         return {}

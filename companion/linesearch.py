@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lossgrad import LossGrad
+
 from .store import tensors_digest
 from .train import REPORT_SECONDS, Batch, Experiment, batches, evaluate, step_size, train_step
 
@@ -251,13 +253,16 @@ def trace_steps(total_steps: int, first: int, points: int) -> list:
 def trace_fit(model: nn.Module, optimizer, task, train_data: Batch, test_data: Batch, full_data: Batch, *,
               epochs: int, batch_size: int, device: torch.device, seed: int, at: Sequence[int], search: dict,
               eval_batch_size: int = 1000, profiles: bool = True,
-              report: Optional[Callable[[dict], None]] = None) -> dict:
+              report: Optional[Callable[[dict], None]] = None,
+              measure_fn: Optional[Callable[[nn.Module, object, Batch], dict]] = None) -> dict:
     """Trains as :func:`companion.train.fit` does (``eval_train=False``; the same batch order from ``seed``, the same
     steps through :func:`companion.train.train_step`) and, before each step whose index is in ``at``, calls
     :func:`measure` on that step's batch. Returns fit's history (``epochs``, ``steps``, ``diverged``, ``seconds``)
     plus ``trace``: one row per measured step with ``step``, ``epoch``, ``h`` (the step size that step takes),
     ``ratio`` (the r it measures), ``parabola`` (h / (2r): the minimiser of LOSSGRAD's fitted parabola) and
-    :func:`measure`'s entries; ``measure_seconds`` is the time the measurements took (not in ``seconds``)."""
+    :func:`measure`'s entries; ``measure_seconds`` is the time the measurements took (not in ``seconds``).
+    ``measure_fn(model, optimizer, batch)``, if given, measures in place of :func:`measure` (its dict's entries
+    go into the row); the optimizer need not be LossGrad then (``ratio`` is NaN for others)."""
     from .train import _epoch_metrics  # the same per-epoch row as fit's
 
     at = set(int(s) for s in at)
@@ -291,15 +296,16 @@ def trace_fit(model: nn.Module, optimizer, task, train_data: Batch, test_data: B
                 m0 = time.perf_counter()
                 devices = [device] if torch.device(device).type == "cuda" else []
                 with torch.random.fork_rng(devices=devices):  # dropout in the measurements draws nothing from the run
-                    row = dict(step=step, epoch=epoch, h=float(before),
-                               **measure(model, task, batch, full_data, search, eval_batch_size, profiles))
+                    found = (measure_fn(model, optimizer, batch) if measure_fn is not None else
+                             measure(model, task, batch, full_data, search, eval_batch_size, profiles))
+                    row = dict(step=step, epoch=epoch, h=float(before), **found)
                 measuring += time.perf_counter() - m0
             metrics = {} if getattr(task, "step_metrics", ()) and hasattr(task, "loss_and_step_metrics") else None
             losses.append(train_step(model, optimizer, task, batch, metrics))
             lrs.append(before)
-            ratios.append(optimizer.last["ratio"])
+            ratios.append(optimizer.last["ratio"] if isinstance(optimizer, LossGrad) else torch.tensor(math.nan))
             if row is not None:
-                r = float(optimizer.last["ratio"])
+                r = float(ratios[-1])
                 row.update(ratio=r, parabola=row["h"] / (2 * r) if r > 0 else math.nan)
                 history["trace"].append(row)
             step += 1

@@ -114,17 +114,24 @@ EDGE_VALUES = [  # (h, ||G||^2, F(x), F(x'))
 @pytest.mark.parametrize("resolution", [0.0, 8 * 1.19e-7, 64 * 1.19e-7])
 @pytest.mark.parametrize("resolved_lr", [math.inf, 1e-12 * 1.02, 0.5])
 @pytest.mark.parametrize("threshold", [0.5, 0.75])
-def test_host_and_tensor_rules_decide_alike(rollback, resolution, resolved_lr, threshold):
-    rule = dict(c=1.05, threshold=threshold, rollback=rollback, resolution=resolution, min_lr=0.0, max_lr=math.inf)
+@pytest.mark.parametrize("smoothing, shrink", [(0.0, None), (0.8, 1.3)])
+def test_host_and_tensor_rules_decide_alike(rollback, resolution, resolved_lr, threshold, smoothing, shrink):
+    rule = dict(c=1.05, threshold=threshold, rollback=rollback, resolution=resolution, min_lr=0.0, max_lr=math.inf,
+                smoothing=smoothing, shrink=shrink)
+    memory = dict(previous_slope=math.nan, smoothed_num=0.02, smoothed_den=0.05)
     for h, sq, fx, fxp in EDGE_VALUES:
-        h_float, undo_float, _, resolved_float = next_step_size_float(h, sq, fx, fxp, resolved_lr, **rule)
+        h_float, undo_float, _, resolved_float, memory_float = next_step_size_float(
+            h, sq, fx, fxp, resolved_lr, memory=memory, **rule)
         as_t = lambda v: torch.tensor(v, dtype=torch.float64)
-        h_tensor, undo_tensor, _, resolved_tensor = next_step_size_tensor(
-            as_t(h), as_t(sq), as_t(fx), as_t(fxp), as_t(resolved_lr), **rule)
+        h_tensor, undo_tensor, _, resolved_tensor, memory_tensor = next_step_size_tensor(
+            as_t(h), as_t(sq), as_t(fx), as_t(fxp), as_t(resolved_lr), memory={k: as_t(v) for k, v in memory.items()},
+            **rule)
         case = (h, sq, fx, fxp, resolved_lr)
         assert h_float == pytest.approx(float(h_tensor), rel=1e-15, abs=0), case
         assert undo_float == bool(undo_tensor), case
         assert resolved_float == pytest.approx(float(resolved_tensor), rel=1e-15, abs=0), case
+        for key in ("smoothed_num", "smoothed_den"):
+            assert memory_float[key] == pytest.approx(float(memory_tensor[key]), rel=1e-15, abs=0), case
 
 
 # ------------------------------------------------------------- what it learns
