@@ -82,7 +82,11 @@ Other verdicts, smoothing, asymmetry and an averaged iterate (notebook 11; ours,
   training step's own; the paper's probe costs a second one), and :math:`d` is kept between steps (one
   parameter-sized buffer). The first step, a step after one not taken and a step with a parameter new since
   the last keep :math:`h`; a non-descent step (:math:`s_0 \le 0`) is not judged. ``rollback='increase'`` needs
-  :math:`F(x')` and is refused with it; the resolution guard reads loss differences and does nothing here.
+  :math:`F(x')` and is refused with it; the resolution guard reads loss differences and does nothing here, nor
+  does ``probe_grad``. A limit: no copy of :math:`x` outlives its step, so a step that lands where the loss is
+  not finite, from a finite gradient, cannot be undone (the non-finite gradients that follow are skipped and
+  :math:`h` shrinks); where a run must not blow up, keep ``probe='same'``. ``last['ratio']`` is the verdict on the
+  last step; the other entries describe this one.
 * ``smoothing`` :math:`\beta \in [0, 1)`: the rule decides on :math:`\bar N / \bar D`, exponential moving
   averages of the ratio's numerator and denominator (:math:`N = F(x') - F(x) + \ell`, :math:`D = \ell`; with
   ``probe='next'`` :math:`N = h (s_0 - s_1)/2`, :math:`D = h s_0`), updated on the steps the rule reads (not
@@ -602,6 +606,11 @@ class LossGrad(Optimizer):
                 "LossGrad.step needs a closure that returns the loss on the current batch, without "
                 "calling backward, e.g. opt.step(lambda: loss_fn(model(x), y)); got " + repr(closure))
         self._check_no_scheduler()
+        if loss is not None and any("training_weights" in self.state.get(p, {})
+                                    for group in self.param_groups for p in group["params"]):
+            raise RuntimeError("step(closure, loss=loss) after opt.eval(): that loss and its gradients were computed at "
+                               "the averaged weights, not at the training weights. Call opt.train() (or "
+                               "opt.zero_grad()) before the forward pass")
         self.train()  # the training weights, if eval() put the averaged ones in
         self._adopt_external_lr()
         devices = self._devices()
@@ -654,8 +663,9 @@ class LossGrad(Optimizer):
         scale = _clip_scale(sq_norm, options["max_grad_norm"])
         gradients = [d for ds in directions for d in ds]
         if not sync_free and rollback is not None and not math.isfinite(sq_norm):
-            return self._skip(loss, h, sq_norm, rule)  # a non-finite step is never taken
+            return self._skip(loss, h, sq_norm, rule, params)  # a non-finite step is never taken
         next_probe = options["probe"] == "next"
+        h_before = h
         if next_probe:  # the last step, judged by this batch's gradient at its end point, sets this step's h
             h, ratio, memory = self._judge_the_last_step(params, gradients, h, memory, sync_free, rule)
         if options["direction"] == "sgd":  # d = s G, kept as G with the scale in the step size
@@ -667,8 +677,10 @@ class LossGrad(Optimizer):
             if finite is not None:  # G may have been zeroed in place: a non-finite G still reads as one
                 slope = torch.where(finite, slope, math.nan)
         if next_probe:
-            return self._step_without_probe(loss, params, steps, step_scale, h, slope, sq_norm, scale, ratio, memory,
-                                            sync_free)
+            if not sync_free and rollback is not None and not math.isfinite(slope):
+                return self._skip(loss, h_before, sq_norm, rule, params)  # a finite G, a non-finite direction
+            return self._step_without_probe(loss, params, steps, step_scale, h, h_before, slope, sq_norm, scale,
+                                            ratio, memory, sync_free)
         backup = self._save(params) if rollback is not None else None
         _add_scaled_(params, steps, -h * step_scale, self.foreach)
         if backup is not None:  # the copy restores x: nothing parameter-sized need live through the probe
@@ -765,12 +777,14 @@ class LossGrad(Optimizer):
         return d
 
     # --------------------------------------------------------------- helpers
-    def _skip(self, loss, h, sq_norm, rule):
+    def _skip(self, loss, h, sq_norm, rule, params):
         """The step is not taken (its gradient is not finite): h shrinks as for a non-finite probe, and with
-        probe='next' the last step is not judged by it (nor is this one, never taken)."""
+        probe='next' the last step is not judged by it (nor is this one, never taken). The averaged iterate takes
+        in x once more, as on the sync-free path, where the step is taken and undone."""
         new_h = min(max(h / rule["c"], rule["min_lr"]), rule["max_lr"])
         memory = {key: self.param_groups[0][key] for key in _MEMORY}
         self._set_h(new_h, self.param_groups[0]["resolved_lr"], dict(memory, previous_slope=math.nan))
+        self._update_average(params)
         self._last = dict(loss=loss.detach(), probe_loss=math.nan, ratio=math.nan, sq_grad_norm=sq_norm,
                           clip_scale=math.nan, slope=math.nan, non_descent=True, undone=True, skipped=True)
         self._grad_marks = _grad_marks(self.param_groups)
@@ -796,16 +810,18 @@ class LossGrad(Optimizer):
                 if "average" in state and "training_weights" not in state:
                     state["training_weights"] = p.detach().clone()
                     with torch.no_grad():
-                        p.copy_(state["average"])
+                        p.copy_(state["average"])  # a 16-bit parameter's float32 average, rounded once
 
     def train(self) -> None:
         """Puts the training weights back after :meth:`eval` (bitwise); does nothing otherwise."""
         for group in self.param_groups:
             for p in group["params"]:
-                saved = self.state[p].pop("training_weights", None) if p in self.state else None
-                if saved is not None:
+                state = self.state.get(p, {})
+                if "training_weights" in state:
                     with torch.no_grad():
-                        p.copy_(saved)
+                        p.copy_(state["training_weights"])
+                    # a new dict: a state_dict() taken while evaluating keeps the training weights it holds
+                    self.state[p] = {k: v for k, v in state.items() if k != "training_weights"}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.train()
@@ -821,31 +837,39 @@ class LossGrad(Optimizer):
         for group in self.param_groups:
             group["averaged_steps"] = t
         weight = (1.0 + gamma) / (t + gamma)
-        averages = []
-        for p in params:
-            state = self.state[p]
-            if "average" not in state or state["average"].shape != p.shape:
-                state["average"] = p.detach().clone()  # a parameter's first step: its average starts at x
-            averages.append(state["average"])
+        stepped = {id(p) for p in params}
+        averages, points = [], []
+        for group in self.param_groups:  # every averaged parameter, moved this step or not (its x_t is x_{t-1})
+            for p in group["params"]:
+                state = self.state[p]
+                if id(p) in stepped and ("average" not in state or state["average"].shape != p.shape):
+                    state["average"] = p.detach().to(_state_dtype(p.dtype), copy=True)  # its first step: x itself
+                if "average" in state:
+                    averages.append(state["average"])
+                    points.append(_at_least_32_bit(p.detach()))
+        if not averages:
+            return
         if self.foreach:
-            torch._foreach_lerp_(averages, [p.detach() for p in params], weight)
+            torch._foreach_lerp_(averages, points, weight)
         else:
-            for a, p in zip(averages, params):
-                a.lerp_(p.detach(), weight)
+            for a, x in zip(averages, points):
+                a.lerp_(x, weight)
 
     def _judge_the_last_step(self, params, gradients, h, memory, sync_free, rule):
         """probe='next': the step size for this step, from the last step judged by this batch's gradient G at
         its end point (s1 = <G, d_last>) against its start slope s0 (see the module docstring). The first step,
-        one after a step that was not taken, and one with a parameter new since the last step keep h."""
-        last = [self.state[p].get("previous_step") for p in params]
-        if any(d is None or d.shape != p.shape for d, p in zip(last, params)):
+        one after a step that was not taken, and a non-descent one keep h; a parameter that did not move in the last
+        step (new, or without a gradient then) adds nothing to s1."""
+        pairs = [(g, self.state[p]["previous_step"]) for g, p in zip(gradients, params)
+                 if "previous_step" in self.state.get(p, {}) and self.state[p]["previous_step"].shape == p.shape]
+        if not pairs:  # a parameter new since the last step did not move in it: it adds nothing to s1
             return h, (torch.full((), math.nan, dtype=h.dtype, device=h.device) if sync_free else math.nan), memory
-        s1 = _inner(gradients, last, host=not sync_free)
+        s1 = _inner([g for g, _ in pairs], [d for _, d in pairs], host=not sync_free)
         judge = judge_by_slopes_tensor if sync_free else judge_by_slopes_float
         return judge(h, memory["previous_slope"], s1, memory, c=rule["c"], threshold=rule["threshold"],
                      smoothing=rule["smoothing"], shrink=rule["shrink"], min_lr=rule["min_lr"], max_lr=rule["max_lr"])
 
-    def _step_without_probe(self, loss, params, steps, step_scale, h, slope, sq_norm, scale, ratio, memory,
+    def _step_without_probe(self, loss, params, steps, step_scale, h, h_before, slope, sq_norm, scale, ratio, memory,
                             sync_free):
         """probe='next': x' = x - h d is taken without a probe; d and <G, d> are kept for the next step's verdict.
         A non-finite gradient is never stepped into with a rollback (the host path skipped it before; here the
@@ -855,12 +879,19 @@ class LossGrad(Optimizer):
         _add_scaled_(params, steps, -h * step_scale, self.foreach)
         kept = [_state_tensor(self.state[p], "previous_step", p) for p in params]
         _copy_(kept, _times(steps, step_scale, self.foreach), self.foreach)  # d, as this step took it
+        stepped = {id(p) for p in params}
+        for group in self.param_groups:  # a parameter without a gradient did not move: its d is 0
+            for p in group["params"]:
+                if id(p) not in stepped and "previous_step" in self.state.get(p, {}):
+                    self.state[p]["previous_step"].zero_()
         if sync_free:
             finite = torch.isfinite(sq_norm) & torch.isfinite(slope)
             undo = ~finite if rollback is not None else torch.zeros_like(finite)
             if backup is not None:
                 for p, saved in zip(params, backup):
                     torch.where(undo, saved, p, out=p)
+                rule = self.param_groups[0]  # a step not taken shrinks h by c, whatever the verdict (as _skip)
+                h = torch.where(undo, (h_before / rule["c"]).clamp(rule["min_lr"], rule["max_lr"]), h)
             memory = dict(memory, previous_slope=torch.where(finite, slope.to(h.dtype), math.nan))
             skipped = undo
         else:
@@ -1164,7 +1195,8 @@ def judge_by_slopes_tensor(h, s0, s1, memory, *, c, threshold=0.5, smoothing=0.0
     dtype = h.dtype
     s0, s1 = s0.to(dtype), s1.to(dtype)
     judged = torch.isfinite(s0) & (s0 > 0)
-    ratio = torch.where(judged, (s0 - s1) / torch.where(judged, 2 * s0, torch.ones_like(s0)), math.nan)
+    ratio = torch.where(judged & torch.isfinite(s1), (s0 - s1) / torch.where(judged, 2 * s0, torch.ones_like(s0)),
+                        math.nan)
     decisive, memory = _smoothed_tensor(ratio, h * (s0 - s1) / 2, h * s0, memory, smoothing, judged)
     by_ratio = torch.where(decisive <= threshold, h * c, h / (shrink or c))
     new_h = torch.where(judged, torch.where(torch.isfinite(s1), by_ratio, h / c), h).clamp(min_lr, max_lr)
@@ -1513,7 +1545,7 @@ def _scalar_value(name: str, value) -> float:
     return _number(name, value)
 
 
-_BUFFERS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+_BUFFERS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "previous_step", "average")
 
 
 def _remove_hooks(handles: list) -> None:

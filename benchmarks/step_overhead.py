@@ -12,6 +12,8 @@ data of the right shapes) it times, in alternating repetitions, and reports medi
 * ``exact``: the same with ``rollback=None, resolution_guard=False`` (Algorithm 1: no copy of the weights);
 * ``internal``: LossGrad's own work, i.e. ``step(closure, loss=loss)`` minus the probe's forward pass, against
   ``sgd.step()`` alone.
+Forms ``*+next`` (``probe='next'``) evaluate no probe: their step is compared with the torch step itself
+(``LossGrad / torch step``), the floor being the paper's probe's.
 Targets: lossgrad <= 1.05 x floor, internal <= 2.5 x sgd.step().
 
 ``--memory`` instead measures peak memory: each optimizer trains a wide MLP (about 100 MB of float32
@@ -58,6 +60,12 @@ FORMS = {  # LOSSGRAD's direction: (the torch optimizer it is compared with, Los
     "momentum": (lambda params: torch.optim.SGD(params, lr=1e-12, momentum=0.9, foreach=True),
                  dict(direction="momentum")),
     "adam": (lambda params: torch.optim.Adam(params, lr=1e-12, foreach=True), dict(direction="adam")),
+    # notebook 11's options: the next batch's verdict (no probe forward pass), the averaged iterate
+    "sgd+next": (lambda params: torch.optim.SGD(params, lr=1e-12, foreach=True), dict(probe="next")),
+    "adam+next": (lambda params: torch.optim.Adam(params, lr=1e-12, foreach=True),
+                  dict(direction="adam", probe="next")),
+    "adam+next+average": (lambda params: torch.optim.Adam(params, lr=1e-12, foreach=True),
+                          dict(direction="adam", probe="next", average=8.0)),
 }
 
 
@@ -198,14 +206,14 @@ def main() -> None:
         return peak_memory_child(args.memory_child, args.device)
     if args.memory:
         return peak_memory(args.device)
-    print("| model | form | torch step (ms) | floor (ms) | LossGrad step (ms) | LossGrad / floor | exact / floor | "
-          "LossGrad internal (ms) | torch .step() (ms) | internal / .step() |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | form | torch step (ms) | floor (ms) | LossGrad step (ms) | LossGrad / torch step | LossGrad / floor | "
+          "exact / floor | LossGrad internal (ms) | torch .step() (ms) | internal / .step() |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, form in [(name, form) for name in args.models for form in args.forms]:
         m = measure(name, args.reps, form)
         ms = {k: v * 1e3 for k, v in m.items()}
         print(f"| {name} | {form} | {ms['sgd']:.2f} | {ms['floor']:.2f} | {ms['lossgrad']:.2f} | "
-              f"{m['lossgrad'] / m['floor']:.3f} | {m['exact'] / m['floor']:.3f} | {ms['internal']:.3f} | "
+              f"{m['lossgrad'] / m['sgd']:.3f} | {m['lossgrad'] / m['floor']:.3f} | {m['exact'] / m['floor']:.3f} | {ms['internal']:.3f} | "
               f"{ms['sgd.step']:.3f} | {m['internal'] / m['sgd.step']:.2f} |", flush=True)
     print(f"\n{device_name(torch.device('cpu'))}; torch {torch.__version__}; medians of {args.reps} alternating "
           f"repetitions; {datetime.date.today().isoformat()}.")

@@ -342,3 +342,126 @@ def test_groups_may_not_differ_in_the_new_options():
     model = small_mlp()
     with pytest.raises(ValueError, match="sets probe='next' but group 0 has 'same'"):
         LossGrad([{"params": model[0].parameters()}, {"params": model[2].parameters(), "probe": "next"}], lr=1e-3)
+
+
+# ------------------------------------------------------------------ found in review
+def _nan_then(model, x, y, steps):
+    return [lambda: F.mse_loss(model(x), y) * math.nan] + [lambda: F.mse_loss(model(x), y)] * (steps - 1)
+
+
+def test_both_paths_shrink_h_alike_when_the_first_gradients_are_not_finite():
+    hs = {}
+    for sync_free in (False, True):
+        model = small_mlp(torch.float64)
+        x, y = regression_batch(torch.float64)
+        opt = LossGrad(model.parameters(), lr=1e-2, probe="next", sync_free=sync_free)
+        closures = [lambda: F.mse_loss(model(x), y) * math.nan] * 2 + [lambda: F.mse_loss(model(x), y)] * 3
+        hs[sync_free] = run(opt, closures)
+    assert hs[False] == pytest.approx(hs[True], rel=1e-15) and hs[False][1] == pytest.approx(1e-2 / 1.05 ** 2)
+
+
+@pytest.mark.parametrize("probe", ["same", "next"])
+def test_the_average_counts_a_skipped_step_alike_on_both_paths(probe):
+    averages = {}
+    for sync_free in (False, True):
+        model = small_mlp(torch.float64)
+        x, y = regression_batch(torch.float64)
+        opt = LossGrad(model.parameters(), lr=1e-2, probe=probe, average=2.0, sync_free=sync_free)
+        run(opt, [lambda: F.mse_loss(model(x), y)] * 3 + _nan_then(model, x, y, 3))
+        opt.eval()
+        averages[sync_free] = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(averages[False], averages[True]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_16_bit_buffers_of_the_new_options_stay_float32_through_a_state_dict():
+    model = small_mlp().to(torch.bfloat16)
+    x, y = regression_batch(torch.bfloat16)
+    opt = LossGrad(model.parameters(), lr=1e-3, probe="next", direction="adam", average=8.0)
+    run(opt, [lambda: F.mse_loss(model(x), y)] * 3)
+    fresh = LossGrad(model.parameters(), lr=1e-3, probe="next", direction="adam", average=8.0)
+    fresh.load_state_dict(opt.state_dict())
+    for p in model.parameters():
+        assert fresh.state[p]["previous_step"].dtype == torch.float32
+        assert fresh.state[p]["average"].dtype == torch.float32
+        assert torch.equal(fresh.state[p]["previous_step"], opt.state[p]["previous_step"])
+
+
+def test_a_parameter_that_did_not_move_adds_nothing_to_the_verdict():
+    a, b = nn.Parameter(torch.tensor([1.0], dtype=torch.float64)), nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = LossGrad([a, b], lr=0.1, probe="next", c=2.0)
+    for loss in (lambda: (a * a).sum() + (b * b).sum(), lambda: (a * a).sum()):  # b moves, then has no gradient
+        opt.zero_grad()
+        opt.step(loss)
+    # step 1: x = (1, 1) -> (0.8, 0.8); step 2 judges it (r = 0.3: h = 0.2) and moves a only: 0.8 -> 0.48 along
+    # d = (1.6, 0), s0 = 1.6^2. Step 3 sees b's gradient again: its d of step 2 was 0, not the 2 of step 1
+    s0, s1 = 1.6 ** 2, (2 * 0.48) * 1.6
+    opt.zero_grad()
+    opt.step(lambda: (a * a).sum() + (b * b).sum())
+    assert float(opt.last["ratio"]) == pytest.approx((s0 - s1) / (2 * s0), rel=1e-12)
+
+
+def test_the_host_path_does_not_step_into_a_nonfinite_direction():
+    p = nn.Parameter(torch.tensor([1.0]))
+    opt = LossGrad([p], lr=1.0, direction="momentum", momentum=0.99, probe="next")
+    opt.state[p]["momentum_buffer"] = torch.tensor([3e38])  # finite, and G + mu v overflows to inf
+    opt.zero_grad()
+    opt.step(lambda: (p * 1e38).sum())
+    assert float(p.detach()) == 1.0 and bool(opt.last["skipped"])
+
+
+def test_the_average_of_16_bit_parameters_is_kept_in_float32():
+    p = nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    opt = LossGrad([p], lr=1e-3, average=0.0, min_lr=1e-3, max_lr=1e-3 * (1 + 1e-12))
+    iterates = []
+    for _ in range(500):
+        opt.zero_grad()
+        opt.step(lambda: -(p.float()).sum())
+        iterates.append(float(p[0]))
+    mean = sum(iterates) / len(iterates)  # gamma = 0: the plain mean of the bfloat16 iterates
+    assert opt.state[p]["average"].dtype == torch.float32
+    assert float(opt.state[p]["average"][0]) == pytest.approx(mean, abs=1e-5)  # a bfloat16 buffer: off by ~1e-2
+
+
+def test_a_loss_computed_at_the_averaged_weights_is_refused():
+    model = small_mlp()
+    x, y = regression_batch()
+    opt = LossGrad(model.parameters(), lr=1e-2, average=8.0)
+    run(opt, [lambda: F.mse_loss(model(x), y)] * 3)
+    opt.eval()
+    model.zero_grad()
+    loss = F.mse_loss(model(x), y)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="after opt.eval"):
+        opt.step(lambda: F.mse_loss(model(x), y), loss=loss)
+
+
+def test_the_average_includes_parameters_without_a_gradient_in_a_step():
+    a = nn.Parameter(torch.tensor([0.0], dtype=torch.float64))
+    b = nn.Parameter(torch.tensor([0.0], dtype=torch.float64))
+    opt = LossGrad([a, b], lr=0.1, average=0.0, min_lr=0.1, max_lr=0.1 * (1 + 1e-12))
+    iterates = []
+    for t in range(10):
+        opt.zero_grad()
+        opt.step((lambda: -(a + b).sum()) if t < 5 else (lambda: -a.sum()))  # b is frozen after 5 steps
+        iterates.append(float(b))
+    opt.eval()
+    assert float(b) == pytest.approx(sum(iterates) / len(iterates), rel=1e-12)  # gamma = 0: the plain mean
+
+
+def test_a_state_dict_taken_in_eval_keeps_its_training_weights_after_train():
+    model = small_mlp()
+    x, y = regression_batch()
+    opt = LossGrad(model.parameters(), lr=1e-2, average=8.0)
+    run(opt, [lambda: F.mse_loss(model(x), y)] * 3)
+    opt.eval()
+    saved = opt.state_dict()
+    opt.train()
+    assert all("training_weights" in state for state in saved["state"].values())
+
+
+def test_the_tensor_verdict_reads_a_nonfinite_end_slope_as_nan_like_the_host():
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    for s1 in (math.inf, -math.inf):
+        _, r, _ = judge_by_slopes_tensor(t(1.0), t(1.0), t(s1), {}, c=1.05)
+        assert math.isnan(float(r)) and math.isnan(judge_by_slopes_float(1.0, 1.0, s1, {}, c=1.05)[1])

@@ -276,3 +276,27 @@ def test_sample_prior_variance():
     s = M.sample_prior(20000, latent=8, prior_var=2.0, generator=torch.Generator().manual_seed(0))
     assert s.shape == (20000, 8)
     assert s.var().item() == pytest.approx(2.0, rel=0.03)
+
+
+def test_fmnist_cnn_maps_images_to_ten_logits_with_pytorchs_init():
+    torch.manual_seed(0)
+    model = M.fmnist_cnn()
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(1, 8, (5, 5)), (8, 16, (5, 5))]
+    torch.manual_seed(0)
+    reference = nn.Conv2d(1, 8, 5, padding=2)  # PyTorch's default init, drawn first
+    assert torch.equal(convs[0].weight, reference.weight)
+
+
+def test_autoencoder_width_scales_the_hidden_layers_and_defaults_to_table_7():
+    widths = lambda m: [l.out_features for l in m.modules() if isinstance(l, nn.Linear)]  # noqa: E731
+    assert widths(M.fmnist_autoencoder()) == [200, 100, 50, 100, 200, 784]
+    assert widths(M.fmnist_autoencoder(width=0.5)) == [100, 50, 25, 50, 100, 784]
+    torch.manual_seed(0)
+    a = M.fmnist_autoencoder()
+    torch.manual_seed(0)
+    b = M.fmnist_autoencoder(width=1.0)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(ValueError, match="width must be a number > 0"):
+        M.fmnist_autoencoder(width=0)
