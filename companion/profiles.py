@@ -68,14 +68,16 @@ class Settings(SimpleNamespace):
         return f"Settings(profile={self.profile!r}, overrides={self.overrides!r})\n" + "\n".join(rows)
 
 
-def resolve(profile: str, overrides: dict | None, *, paper: dict, quick: dict, smoke: dict) -> Settings:
-    """The paper's settings, then the profile's changes, then ``overrides`` (which win).
+def resolve(profile: str, overrides: dict | None, *, paper: dict, quick: dict, smoke: dict,
+            full_grid: dict | None = None) -> Settings:
+    """The paper's settings, then the profile's changes, then ``overrides`` (which win); then, when the
+    resolved setting ``full_grid`` is true, the values of ``full_grid`` (what a committed run cut) replace theirs.
 
-    Every name in ``quick``, ``smoke`` and ``overrides`` must exist in ``paper``: a typo is an
+    Every name in ``quick``, ``smoke``, ``overrides`` and ``full_grid`` must exist in ``paper``: a typo is an
     error, not a silently ignored setting."""
     _check_profile(profile)
     overrides = dict(overrides or {})
-    for label, changes in (("quick", quick), ("smoke", smoke), ("overrides", overrides)):
+    for label, changes in (("quick", quick), ("smoke", smoke), ("overrides", overrides), ("full_grid", full_grid or {})):
         unknown = sorted(set(changes) - set(paper))
         if unknown:
             raise ValueError(f"{label} sets unknown setting(s) {unknown}; known settings: {sorted(paper)}")
@@ -83,8 +85,11 @@ def resolve(profile: str, overrides: dict | None, *, paper: dict, quick: dict, s
     values = dict(paper)
     values.update({"paper": {}, "quick": quick, "smoke": smoke}[profile])
     values.update(overrides)
-    changed = sorted(k for k in values if values[k] != paper[k])
-    return Settings(profile=profile, overrides=overrides, changed=changed, **values)
+    changed = {k for k in values if values[k] != paper[k]}
+    if full_grid and values.get("full_grid"):
+        changed |= {k for k, v in full_grid.items() if values[k] != v}
+        values.update(full_grid)
+    return Settings(profile=profile, overrides=overrides, changed=sorted(changed), **values)
 
 
 def _like(reference, value, name: str):

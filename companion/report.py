@@ -78,6 +78,50 @@ def final_metrics(result: dict) -> dict:
     return last
 
 
+def finite_mean(values: Iterable[float]) -> float:
+    """The mean of the finite values (a diverged run's NaN left out); NaN when there is none."""
+    values = [v for v in values if math.isfinite(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+# ------------------------------------------------------- reading one run
+def final(result: dict, metric: str = "test_loss") -> float:
+    """A run's ``metric`` after its last epoch, NaN when it diverged. ``train_*`` metrics come from the
+    evaluation after the last epoch (``result["extra"]["train"]``, written by an ``on_finish`` such as
+    ``linesearch.FinalTrainMetrics``) when the run has one, else from its last epoch."""
+    if result.get("diverged"):
+        return math.nan
+    train = result.get("extra", {}).get("train")
+    if metric.startswith("train_") and train is not None:
+        return train[metric[len("train_"):]]
+    return final_metrics(result)[metric]
+
+
+def steps_per_epoch(result: dict) -> int:
+    """The steps of one epoch of a run, from its per-step log and its epochs (at least 1)."""
+    return max(1, len(result["steps"]["lr"]) // max(1, len(result["epochs"]) - 1))
+
+
+def epoch_window(result: dict, epoch: int, series: str = "lr", steps: Optional[int] = None,
+                 finite: bool = False) -> torch.Tensor:
+    """A per-step series over the steps of one training epoch (1 = the first; ``steps``: steps per epoch, by
+    default :func:`steps_per_epoch`); an absent series is empty. ``finite=True`` keeps its finite values only."""
+    steps = steps or steps_per_epoch(result)
+    values = result["steps"].get(series, torch.empty(0))[(epoch - 1) * steps: epoch * steps]
+    return values[torch.isfinite(values)] if finite else values
+
+
+def last_epoch(result: dict, series: str = "lr") -> torch.Tensor:
+    """A per-step series over the run's last :func:`steps_per_epoch` steps."""
+    return result["steps"][series][-steps_per_epoch(result):]
+
+
+def settled_h(result: dict) -> float:
+    """The median step size over the last epoch; NaN for a diverged run (its h froze when the loss went
+    non-finite)."""
+    return math.nan if result.get("diverged") else float(last_epoch(result, "lr").median())
+
+
 def summary_table(results: Sequence[dict], metrics: Sequence[str], paper: Optional[dict] = None,
                   digits: int = 4) -> pd.DataFrame:
     """One row per label: mean ± std over seeds of each final metric, with the paper's values beside.
@@ -108,6 +152,18 @@ def write_table(table: pd.DataFrame, out_dir: Path, name: str, conditions: str =
     path = out_dir / f"{name}.md"
     path.write_text(md)
     return path
+
+
+def show_table(table: pd.DataFrame, out_dir: Path, name: str, conditions: str = "", float_format: Optional[str] = None,
+               empty: Optional[str] = None) -> None:
+    """Prints ``table`` whole (every row and column, no index; floats as ``float_format``, e.g. ``"{:.4g}"``) and
+    writes it with :func:`write_table`; ``empty``: what to print instead of a table without rows."""
+    write_table(table, out_dir, name, conditions)
+    if empty is not None and not len(table):
+        print(empty)
+        return
+    with pd.option_context("display.float_format", None if float_format is None else float_format.format):
+        print(table.to_string(index=False))
 
 
 def conditions(profile: str, results: Sequence[dict], synthetic: Optional[bool] = None) -> str:
@@ -161,6 +217,31 @@ def plot_epoch_metric(results: Sequence[dict], metric: str, ax=None, logy: bool 
     if logy:
         ax.set_yscale("log")
         plain_log_ticks(ax)
+    ax.set_title(title or metric.replace("_", " "))
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_epoch_metric_per_seed(results: Sequence[dict], metric: str, ax=None, colours: Optional[dict] = None,
+                               title: str = "", styles: Sequence[str] = ("-", "--", ":", "-.")):
+    """A per-epoch metric for every run: one line per seed, in its label's colour (seeds told apart by
+    ``styles``, in seed order), one legend entry per label. No mean and no band: where seeds split (one stalls,
+    two train) a mean draws a curve no run followed, and a ±std band can leave the metric's range."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.gca()
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    seeds = sorted({r["seed"] for r in results})
+    for label in labels:
+        for r in sorted((r for r in results if r["label"] == label), key=lambda r: r["seed"]):
+            ax.plot([e["epoch"] for e in r["epochs"]], [e[metric] for e in r["epochs"]], lw=1.3, alpha=0.85,
+                    ls=styles[seeds.index(r["seed"]) % len(styles)], color=None if colours is None else colours.get(label),
+                    label=label if r["seed"] == min(x["seed"] for x in results if x["label"] == label) else None)
+    if len(seeds) > 1:  # the line style of each seed, in grey
+        for k, seed in enumerate(seeds):
+            ax.plot([], [], color="0.45", lw=1.3, ls=styles[k % len(styles)], label=f"seed {seed}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric.replace("_", " "))
     ax.set_title(title or metric.replace("_", " "))
     ax.legend(fontsize=8)
     return ax

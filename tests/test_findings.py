@@ -20,7 +20,8 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 QUOTED = re.compile(r"(?<![\w.])[−-]?\d+(?:\.\d+)?(?:e[−+-]?\d+)?(?![\w])", re.IGNORECASE)
 PRINTED = re.compile(r"[−-]?\d+(?:\.\d+)?(?:e[−+-]?\d+)?", re.IGNORECASE)
 REFERENCE = re.compile(r"\b(?:Tables?|Tab\.|Figures?|Fig\.|Sections?|Remarks?|Algorithm|Appendix|notebooks?|items?)"
-                       r"\s+\d+(?:\s*(?:,|and|–)\s*\d+)*|\(\d\)", re.IGNORECASE)
+                       r"\s+\d+(?:\s*(?:,|and|–)\s*\d+)*|\(\d\)"
+                       r"|\b(?:ICLR|ICML|NeurIPS|COLT|AISTATS|JMLR|arXiv)\s+(?:19|20)\d\d\b", re.IGNORECASE)  # a citation's year
 LIST_MARKER = re.compile(r"^\s*\d+\.\s", re.MULTILINE)
 
 
@@ -106,6 +107,11 @@ def test_the_check_catches_a_changed_number_in_the_findings(notebook):
 def test_references_and_list_markers_are_not_read_as_numbers():
     text = "1. **Table 3** and Figures 1 and 2 of notebook 01 and estimate (4): test MSE 0.0244.\n2. next"
     assert quoted_numbers(text) == ["0.0244"]
+
+
+def test_a_citations_year_is_not_read_as_a_number_but_a_bare_year_is():
+    text = 'Wu et al., "Understanding Short-Horizon Bias", ICLR 2018: h 0.5374; in 2018 it was 2019'
+    assert quoted_numbers(text) == ["0.5374", "2018", "2019"]
 
 
 # ---------------------------------------------------------------- the answer at the top of every notebook
