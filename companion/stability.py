@@ -166,7 +166,7 @@ def measure_stability(model: nn.Module, optimizer, task, batch, other, search: d
     sharpness = top_eigenvalue(model, task, batch, scale, power_iterations, seed)
     limit = stability_limit(optimizer, sharpness)
     row = dict(sharpness=sharpness, limit=limit, h_over_limit=h / limit if math.isfinite(limit) else 0.0,
-               slope=_dot(grads, d), weight_norm=math.sqrt(_dot(params, params)))
+               slope=_dot(grads, d), weight_norm=math.sqrt(_dot([p.detach() for p in params], [p.detach() for p in params])))
     with torch.no_grad():
         outputs = model(other[0])
         outputs = outputs[0] if isinstance(outputs, tuple) else outputs
