@@ -35,6 +35,8 @@ SHRINK = {  # per notebook: (quick overrides, paper overrides)
     "09": (dict(n_train=16, n_test=8), dict(epochs=2, seeds=1, n_train=16, n_test=8)),
     "10": (dict(n_train=16, n_test=8, n_full=16),
            dict(epochs=2, seeds=1, n_train=16, n_test=8, n_full=16, trace_seeds=1, trace_points=3)),
+    "11": (dict(n_train=16, n_test=8, diagnosis_every=1, power_iterations=2),
+           dict(epochs=2, seeds=1, diagnosis_epochs=1, diagnosis_every=1, power_iterations=2, n_train=16, n_test=8)),
 }
 
 
