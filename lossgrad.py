@@ -68,7 +68,8 @@ median :math:`h` rose in the epochs before the fall, and the Adam form's largest
 highs); with ``rollback='increase'`` they did not fall to chance, but ended at 0.71-0.77 test accuracy
 against tuned SGD's 0.88-0.89. Notebook 11 measured what precedes the fall (the weights' norm grew about
 tenfold, and the Adam form's step passed the stability limit of the preconditioned sharpness in most epochs,
-as the paper's SGD form did without collapsing) and what the options below change. Treat these forms as experimental; the paper's form trained there.
+as the paper's SGD form did without collapsing) and what the options below change. Treat these forms as
+experimental; the paper's form trained there.
 
 Other verdicts, smoothing, asymmetry and an averaged iterate (notebook 11; ours, off by default)
 -----------------------------------------------------------------------------------------------
@@ -105,9 +106,8 @@ What they did in notebook 11 (the Adam form on the paper's MNIST network and the
 epochs): ``probe='next'`` ended the collapse but let :math:`h` fall orders of magnitude below Adam's rate, so
 its runs ended far behind (the short-horizon bias of greedy step-size choice); ``shrink=c**2`` kept every seed
 above chance but ended below Adam at its default rate; with ``smoothing`` one classifier seed of four still
-collapsed, and ``average`` did not stop the collapse. None is a reason to prefer a
-LOSSGRAD form over Adam or the learning-rate-free optimizers of notebook 09 (schedule-free AdamW, DoG); they are
-here to study the rule.
+collapsed, and ``average`` did not stop the collapse. None is a reason to prefer a LOSSGRAD form over Adam or
+the learning-rate-free optimizers of notebook 09 (schedule-free AdamW, DoG); they are here to study the rule.
 
 Two guards, on by default, change Algorithm 1 only where it fails
 -----------------------------------------------------------------
@@ -211,7 +211,6 @@ _PROBES = ("same", "next")
 #: What the rule remembers between steps (in every param group, saved by ``state_dict``): the slope <G, d> of the
 #: last step taken (probe='next'), and the smoothed numerator and denominator of r (smoothing > 0).
 _MEMORY = dict(previous_slope=math.nan, smoothed_num=0.0, smoothed_den=0.0)
-_AVERAGED = ("average", "training_weights")  # per-parameter buffers of the averaged iterate
 #: What an optimizer saved before these options existed was saved under the paper's rule.
 _LEGACY = dict(threshold=0.5, probe="same", smoothing=0.0, shrink=None, average=None)
 
@@ -791,8 +790,7 @@ class LossGrad(Optimizer):
         probe='next' the last step is not judged by it (nor is this one, never taken). The averaged iterate takes
         in x once more, as on the sync-free path, where the step is taken and undone."""
         new_h = min(max(h / rule["c"], rule["min_lr"]), rule["max_lr"])
-        memory = {key: self.param_groups[0][key] for key in _MEMORY}
-        self._set_h(new_h, self.param_groups[0]["resolved_lr"], dict(memory, previous_slope=math.nan))
+        self._set_h(new_h, self.param_groups[0]["resolved_lr"], dict(previous_slope=math.nan))
         self._update_average(params)
         self._last = dict(loss=loss.detach(), probe_loss=math.nan, ratio=math.nan, sq_grad_norm=sq_norm,
                           clip_scale=math.nan, slope=math.nan, non_descent=True, undone=True, skipped=True)
