@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import subprocess
 import time
 from html.parser import HTMLParser
@@ -29,6 +28,7 @@ from urllib.parse import unquote, urlsplit
 
 import nbformat
 import pytest
+from browser import headless_chromium
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -111,36 +111,10 @@ def test_book_builds_with_warnings_as_errors_a_page_per_notebook_and_every_figur
 
 
 # ---------------------------------------------------------------- a real browser
-def _find_browser() -> tuple[str | None, str | None]:
-    chrome = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-    return chrome, shutil.which("chromedriver")
-
-
 @pytest.fixture(scope="module")
 def browser():
     """Headless Chromium under Selenium, its console log kept; skips, saying why, when it cannot run."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements.txt)")
-    from selenium.common.exceptions import WebDriverException
-    from selenium.webdriver.chrome.service import Service
-
-    chrome, driver = _find_browser()
-    if not (chrome and driver):
-        missing = " and ".join(n for n, p in (("Chromium", chrome), ("chromedriver", driver)) if not p)
-        pytest.skip(f"book browser test: {missing} not found; to run it: apt-get install chromium chromium-driver "
-                    f"(Debian), then ./run_tests.sh --all tests/test_book.py (.ci/run installs them when it runs as "
-                    f"root with apt-get)")
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1000", "--no-first-run", "--disable-extensions"):
-        options.add_argument(arg)
-    options.binary_location = chrome
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    try:
-        driver = webdriver.Chrome(options=options, service=Service(driver))
-    except WebDriverException as e:
-        pytest.skip(f"book browser test: {chrome} with {driver} did not start: {str(e.msg).splitlines()[0]}")
-    yield driver
-    driver.quit()
+    yield from headless_chromium("book browser test", "./run_tests.sh --all tests/test_book.py")
 
 
 # Everything the checks need from the open page, once the page and MathJax (where the page loads it) are done.

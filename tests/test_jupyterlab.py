@@ -41,6 +41,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from browser import headless_chromium
 from notebook_checks import WARNING, WIDGET_VIEW, output_problems, reproducible_env
 from notebook_checks import not_progress as _not_progress
 from notebook_checks import where as _where
@@ -177,35 +178,10 @@ class Lab:
         return json.loads(body) if body else None
 
 
-def _find_browser() -> tuple[str | None, str | None]:
-    chrome = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-    return chrome, shutil.which("chromedriver")
-
-
 @pytest.fixture(scope="module")
 def browser():
     """Headless Chromium under Selenium; skips, saying why, when either is missing or Chromium cannot start."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements.txt)")
-    from selenium.common.exceptions import WebDriverException
-    from selenium.webdriver.chrome.service import Service
-
-    chrome, driver = _find_browser()
-    if not (chrome and driver):
-        missing = " and ".join(n for n, p in (("Chromium", chrome), ("chromedriver", driver)) if not p)
-        pytest.skip(f"JupyterLab browser test: {missing} not found; to run it: apt-get install chromium "
-                    f"chromium-driver (Debian), then ./run_tests.sh --all -k jupyterlab (.ci/run installs them "
-                    f"when it runs as root with apt-get)")
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1000", "--no-first-run", "--disable-extensions"):
-        options.add_argument(arg)
-    options.binary_location = chrome
-    try:
-        driver = webdriver.Chrome(options=options, service=Service(driver))
-    except WebDriverException as e:
-        pytest.skip(f"JupyterLab browser test: {chrome} with {driver} did not start: {str(e.msg).splitlines()[0]}")
-    yield driver
-    driver.quit()
+    yield from headless_chromium("JupyterLab browser test", "./run_tests.sh --all -k jupyterlab")
 
 
 def _free_port() -> int:
