@@ -84,6 +84,22 @@ LINE = {"LOSSGRAD": dict(ls="-", lw=2.0), "peer": dict(ls="--", lw=1.3), "refere
 X_LABEL = {"epoch": "epoch", "seconds": "training time (s)", "forwards": "forward passes"}
 
 
+def rate_beyond_edge(grid: Sequence[float], best: float, factor: float) -> Optional[float]:
+    """The rate a tuned baseline's grid needs next: ``best`` times ``factor`` when it is the grid's largest rate,
+    divided by ``factor`` when it is the smallest, None when it lies inside the grid (a grid of one rate widens
+    upwards). A rate that diverged scores worst, so it is never the best: a grid whose edge rate diverged is done."""
+    if not factor > 1:
+        raise ValueError(f"factor must be > 1 (the ratio between the edge rate and the next one out), got {factor!r}")
+    rates = sorted(grid)
+    if best not in rates:
+        raise ValueError(f"the best rate {best!r} is not in the grid {rates}")
+    if best == rates[-1]:
+        return best * factor
+    if best == rates[0]:
+        return best / factor
+    return None
+
+
 class Comparison:
     """The experiments of a comparison, one per (task, initialisation), and what is read from their runs.
 

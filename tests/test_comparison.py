@@ -272,3 +272,22 @@ def test_full_grid_replaces_the_cut_settings_only_when_it_is_on():
     assert list(vars(full)).index("seeds") < list(vars(full)).index("full_grid")  # the settings keep their order
     with pytest.raises(ValueError, match="full_grid sets unknown"):
         C.profiles.resolve("paper", {}, **dict(kw, full_grid=dict(seed=3)))
+
+
+# ---------------------------------------------------------------- widening a tuned baseline's grid
+@pytest.mark.parametrize("grid, best, expected", [
+    ([2.0, 4.0, 16.0], 16.0, 160.0),   # the largest rate is best: the next one out above
+    ([2.0, 4.0, 16.0], 2.0, 0.2),      # the smallest: the next one out below
+    ([16.0, 2.0, 4.0], 4.0, None),     # inside (in any order): done
+    ([0.3], 0.3, 3.0),                 # one rate: upwards
+])
+def test_rate_beyond_edge_widens_a_grid_only_where_its_best_rate_is_on_an_edge(grid, best, expected):
+    found = C.comparison.rate_beyond_edge(grid, best, 10.0)
+    assert found == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_rate_beyond_edge_refuses_a_factor_that_does_not_widen_and_a_best_rate_off_the_grid():
+    with pytest.raises(ValueError, match="factor must be > 1"):
+        C.comparison.rate_beyond_edge([1.0, 2.0], 2.0, 1.0)
+    with pytest.raises(ValueError, match="not in the grid"):
+        C.comparison.rate_beyond_edge([1.0, 2.0], 3.0, 2.0)
