@@ -95,7 +95,7 @@ Other verdicts, smoothing, asymmetry and an averaged iterate (notebook 11; ours,
   on undone, unresolved or non-finite ones). ``last['ratio']`` stays the step's own :math:`r`. The averages weigh a
   step by its :math:`\ell`, which falls with :math:`h`: while :math:`h` shrinks by :math:`\gamma` a step, a
   large ratio fades from them only by :math:`\beta\gamma` a step (0.99 with :math:`\beta` = 0.9 and
-  :math:`\gamma = c^2`), so with ``shrink`` one spike can send :math:`h` down by orders of magnitude.
+  :math:`\gamma = c^2`), so with ``shrink`` a few large ratios can send :math:`h` down by orders of magnitude.
 * ``shrink`` :math:`\gamma > 1`: :math:`h \leftarrow h/\gamma` when :math:`r >` threshold (default :math:`c`,
   the paper). With :math:`\gamma = c^2` h settles where two verdicts in three grow it (Rprop's asymmetric factors,
   Riedmiller & Braun 1993). Undone and skipped steps still shrink by :math:`c`.
@@ -110,9 +110,9 @@ epochs): ``probe='next'`` ended the collapse but let :math:`h` fall orders of ma
 its runs ended far behind (the short-horizon bias of greedy step-size choice); ``shrink=c**2`` kept every seed
 above chance but ended below Adam at its default rate; with ``smoothing`` one classifier seed of four still
 collapsed, and ``average`` did not stop the collapse; ``shrink=c**2`` with ``smoothing=0.9`` and ``average=8``
-failed no seed but did worse than ``shrink`` alone (a spike sent :math:`h` down four to five orders of
-magnitude). None is a reason to prefer a LOSSGRAD form over Adam or the learning-rate-free optimizers of
-notebook 09 (schedule-free AdamW, DoG); they are here to study the rule.
+failed no seed but placed worse than ``shrink`` alone (:math:`h` dived by four to five orders of magnitude).
+None is a reason to prefer a LOSSGRAD form over Adam or the learning-rate-free optimizers of notebook 09
+(schedule-free AdamW, DoG); they are here to study the rule.
 
 Two guards, on by default, change Algorithm 1 only where it fails
 -----------------------------------------------------------------
