@@ -741,10 +741,10 @@ QUESTIONS = (
                "the comparison's two Fashion-MNIST networks but has a mean place of {shrink} in its ranking, against "
                "Adam's {adam} and schedule-free AdamW's {sf}; judging each step on the next batch failed no seed either ({next}: h falls "
                "to {next_h} on the classifier), and the remedies combined did worse ({combo}: the autoencoder's test "
-               "MSE {combo_ae} against {shrink_ae} with `shrink` alone); on the four of its five pre-registered "
-               "held-out tasks run so far the chosen form placed {ho} on average among five methods (Adam {ho_adam}, "
-               "schedule-free AdamW {ho_sf}), last on two; the fifth is not finished (its one finished seed of the "
-               "chosen form fell to chance)",
+               "MSE {combo_ae} against {shrink_ae} with `shrink` alone); on the pre-registered held-out tasks the "
+               "chosen form collapsed to chance in every seed of the classifier at the smaller of its two held-out "
+               "batches, and on the four other tasks "
+               "placed {ho} on average among five methods (Adam {ho_adam}, schedule-free AdamW {ho_sf}), last on two",
         links=(_nb("11_stable_forms"), _fig("11_places.csv"), _fig("11_dives.csv"), _fig("11_held_out.csv")),
         numbers=dict(
             shrink=Num(Csv("figures/11_places.csv", (("row", "+ shrink"),), "mean place"), sig(3)),
