@@ -112,7 +112,7 @@ above chance but ended below Adam at its default rate; with ``smoothing`` one cl
 collapsed, and ``average`` did not stop the collapse; ``shrink=c**2`` with ``smoothing=0.9`` and ``average=8``
 failed no seed but placed worse than ``shrink`` alone (:math:`h` dived by four to five orders of magnitude).
 On notebook 11's held-out tasks ``shrink=c**2`` collapsed to chance on the classifier at batch 32 and placed
-behind Adam on the four others. None is a reason to prefer a LOSSGRAD form over Adam or the learning-rate-free
+behind Adam on every task. None is a reason to prefer a LOSSGRAD form over Adam or the learning-rate-free
 optimizers of notebook 09 (schedule-free AdamW, DoG); they are here to study the rule.
 
 Two guards, on by default, change Algorithm 1 only where it fails
