@@ -87,7 +87,8 @@ X_LABEL = {"epoch": "epoch", "seconds": "training time (s)", "forwards": "forwar
 def rate_beyond_edge(grid: Sequence[float], best: float, factor: float) -> Optional[float]:
     """The rate a tuned baseline's grid needs next: ``best`` times ``factor`` when it is the grid's largest rate,
     divided by ``factor`` when it is the smallest, None when it lies inside the grid (a grid of one rate widens
-    upwards). A rate that diverged scores worst, so it is never the best: a grid whose edge rate diverged is done."""
+    upwards). A rate that diverged scores worst, so it is the best only when every rate diverged (then the grid
+    widens downwards); a grid whose edge rate diverged while another trained is done."""
     if not factor > 1:
         raise ValueError(f"factor must be > 1 (the ratio between the edge rate and the next one out), got {factor!r}")
     rates = sorted(grid)
