@@ -389,3 +389,56 @@ def test_a_schedule_beyond_the_epochs_is_refused_before_training(mnist_like):
         exp.run("step", "sgd_multistep", seed=0, lr=0.1, milestones=[2, 5])
     with pytest.raises(ValueError, match="step_size 3 must lie in 1..2"):
         exp.run("step", "sgd_steplr", seed=0, lr=0.1, step_size=3)
+
+
+FLUSHED_DURING_FORWARD: list = []
+
+
+class RecordsDenormalMode(nn.Module):
+    """A tiny classifier whose forward pass records whether the CPU flushes denormals to zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_classifier()
+
+    def forward(self, x):
+        FLUSHED_DURING_FORWARD.append(C.train.denormals_flushed())
+        return self.net(x)
+
+
+def recording_classifier():
+    return RecordsDenormalMode()
+
+
+@pytest.mark.parametrize("setting, flushed", [(None, True), ("1", True), ("0", False)])
+def test_runs_train_with_denormals_flushed_unless_told_not_to_and_the_setting_is_restored(
+        mnist_like, monkeypatch, setting, flushed):
+    if setting is not None:
+        monkeypatch.setenv(C.train.FLUSH_DENORMALS_ENV, setting)
+    torch.set_flush_denormal(False)
+    FLUSHED_DURING_FORWARD.clear()
+    exp = Experiment(**dict(identity_base(mnist_like), model_fn=recording_classifier))
+    exp.run("SGD", "sgd", seed=0, lr=0.1)
+    assert FLUSHED_DURING_FORWARD and set(FLUSHED_DURING_FORWARD) == {flushed}
+    assert not C.train.denormals_flushed()  # the process's own setting is back
+    torch.set_flush_denormal(True)  # ... whichever it was
+    try:
+        with C.train.flushed_denormals(enabled=False):
+            assert not C.train.denormals_flushed()
+        assert C.train.denormals_flushed()
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_flushing_denormals_is_not_part_of_a_run_identity(mnist_like, monkeypatch):
+    exp = Experiment(**identity_base(mnist_like))
+    first = exp.run("SGD", "sgd", seed=0, lr=0.1)
+    monkeypatch.setenv(C.train.FLUSH_DENORMALS_ENV, "0")
+    monkeypatch.setenv(C.store.STORED_ONLY_ENV, "1")  # loading it must not need training
+    assert exp.run("SGD", "sgd", seed=0, lr=0.1)["config_digest"] == first["config_digest"]
+
+
+def test_a_bad_denormal_setting_is_refused_with_what_to_set(mnist_like, monkeypatch):
+    monkeypatch.setenv(C.train.FLUSH_DENORMALS_ENV, "yes")
+    with pytest.raises(ValueError, match="LOSSGRAD_FLUSH_DENORMALS must be 1 .* or 0 .*got 'yes'"):
+        Experiment(**identity_base(mnist_like)).run("SGD", "sgd", seed=0, lr=0.1)
