@@ -66,6 +66,11 @@ FORMS = {  # LOSSGRAD's direction: (the torch optimizer it is compared with, Los
                   dict(direction="adam", probe="next")),
     "adam+next+average": (lambda params: torch.optim.Adam(params, lr=1e-12, foreach=True),
                           dict(direction="adam", probe="next", average=8.0)),
+    # notebook 11's chosen form (asymmetric factors) and its proposed combination (with smoothing and averaging)
+    "adam+shrink": (lambda params: torch.optim.Adam(params, lr=1e-12, foreach=True),
+                    dict(direction="adam", shrink=1.05 ** 2)),
+    "adam+shrink+smoothing+average": (lambda params: torch.optim.Adam(params, lr=1e-12, foreach=True),
+                                      dict(direction="adam", shrink=1.05 ** 2, smoothing=0.9, average=8.0)),
 }
 
 

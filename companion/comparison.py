@@ -101,6 +101,29 @@ def rate_beyond_edge(grid: Sequence[float], best: float, factor: float) -> Optio
     return None
 
 
+def widen_grids(grids: dict, best_of: Callable, run_rates: Callable, factor: float, times: int) -> dict:
+    """Tuned baselines' grids widened until each best rate lies inside its grid: the best rate of every grid.
+
+    ``grids``: key -> its rates (a widened grid is put back in ``grids`` as a new sorted list); ``best_of(key)``:
+    the best rate of ``grids[key]`` as the runs so far score it; ``run_rates({key: rate})``: trains those new
+    rates (one per key, with the selection seeds) so that ``best_of`` sees them. Each round adds the next rate
+    out (:func:`rate_beyond_edge`) to every grid whose best is on its edge, at most ``times`` rounds; a best
+    rate still on an edge then is a bound, which the caller reports."""
+    if times < 0:
+        raise ValueError(f"times must be >= 0 (the most rounds of widening), got {times!r}")
+    best = {key: best_of(key) for key in grids}
+    for _ in range(times):
+        wider = {key: rate_beyond_edge(grids[key], best[key], factor) for key in grids}
+        wider = {key: rate for key, rate in wider.items() if rate is not None}
+        if not wider:
+            break
+        for key, rate in wider.items():
+            grids[key] = sorted([*grids[key], rate])
+        run_rates(wider)
+        best = {key: best_of(key) for key in grids}
+    return best
+
+
 class Comparison:
     """The experiments of a comparison, one per (task, initialisation), and what is read from their runs.
 

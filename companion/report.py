@@ -177,6 +177,10 @@ def conditions(profile: str, results: Sequence[dict], synthetic: Optional[bool] 
     parts = [f"Profile `{profile}` ({data})"]
     if results:
         parts += [f"device: {', '.join(devices)}", f"seeds: {seeds}", f"training time {minutes:.1f} min in total"]
+        flushed = sum(r.get("denormals") == "flushed" for r in results)  # recorded by runs since denormals flush
+        if flushed:
+            parts.insert(2, "denormals flushed" + ("" if flushed == len(results) else
+                                                   f" in {flushed} of {len(results)} runs"))
     parts += [f"torch {torch.__version__}", f"made {_dt.date.today().isoformat()}."]
     return "; ".join(parts)
 

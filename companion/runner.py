@@ -228,6 +228,7 @@ def run_together(batches: list, jobs: Optional[int] = None, executor: Optional[s
 
 def _execute(groups: list, jobs, executor) -> list:
     execution(jobs, executor, threads=1)  # bad settings fail at once, even when nothing trains
+    train.flush_denormals_setting()
     planned = [_plan(experiment, specs) for experiment, specs in groups]
     unique = {}
     for r in (r for runs in planned for r in runs):  # a run asked for twice trains once

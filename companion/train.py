@@ -8,8 +8,8 @@
 * :class:`Experiment` holds a notebook's data, task, model and budget, derives each run's identity and
   trains (or loads) a run through the run store (:mod:`companion.store`, below this module); where its
   runs train is :mod:`companion.runner`'s business (above it), which registers itself here.
-* Every run trains with denormal floats flushed to zero on the CPU (:func:`flushed_denormals`): execution,
-  not part of a run's identity, like the thread count.
+* A run at one torch thread trains with denormal floats flushed to zero on the CPU (:func:`flushed_denormals`):
+  execution, not part of a run's identity, like the thread count.
 
 Layers: ``store`` <- ``train`` <- ``runner`` <- notebooks; no module imports one above it.
 """
@@ -77,33 +77,42 @@ FLUSH_DENORMALS_ENV = "LOSSGRAD_FLUSH_DENORMALS"
 
 
 def denormals_flushed() -> bool:
-    """Whether this process's CPU arithmetic flushes denormal floats to zero (torch has a setter, no getter)."""
+    """Whether the calling thread's CPU arithmetic flushes denormal floats to zero (torch has a setter, no getter)."""
     return (torch.tensor([1e-39]) * 1.0).item() == 0.0
+
+
+def flush_denormals_setting() -> bool:
+    """``$LOSSGRAD_FLUSH_DENORMALS``: ``1`` (the default) flushes denormals while a run trains at one torch
+    thread, ``0`` keeps them; anything else is an error that says so."""
+    value = os.environ.get(FLUSH_DENORMALS_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"${FLUSH_DENORMALS_ENV} must be 1 (flush denormal floats to zero while a run trains at one "
+                         f"torch thread: the default) or 0 (keep them), got {value!r}")
+    return value == "1"
 
 
 @contextlib.contextmanager
 def flushed_denormals(enabled: Optional[bool] = None):
-    """Denormal floats (magnitude below 1.2e-38 in float32) flushed to zero on the CPU inside the block; the
-    process's setting before it is restored after. ``enabled``: None reads ``$LOSSGRAD_FLUSH_DENORMALS``
-    (``1``, the default, flushes; ``0`` keeps them).
+    """Denormal floats (float32 magnitudes below 1.2e-38) flushed to zero inside the block when the process
+    computes on one torch thread; the calling thread's mode before it is restored after. Yields whether it
+    flushed. ``enabled``: None reads :func:`flush_denormals_setting`.
 
     Why: CPU arithmetic on denormals is many times slower, and training makes them: Adam's second moments of
     parameters whose gradients vanish, and networks that collapsed. Measured on this project's 2-core CPU, two
     runs side by side at one thread each: LOSSGRAD's Adam form on the MNIST network went from 12-13 s to 5.5 s
-    per epoch once it collapsed, and at batch 32 from 37 to 12 s per epoch. Flushing changes a number only
-    where a denormal would have reached it; notebook 11's size statement lists the stored runs that were
-    trained again flushed and came out bit for bit the same. It acts on the CPU only (CUDA kernels keep
-    their own rule), and it is execution, not science: not part of any run's identity."""
+    per epoch once it collapsed, and at batch 32 from 37 to 12 s per epoch. Why one thread only: the mode
+    belongs to a CPU thread, and torch's intra-op threads started before the block keep theirs, so with more
+    threads only part of the arithmetic would flush and a run's numbers could depend on what the process did
+    before; at one thread all of it runs on the calling thread. Flushing changes a number only where a denormal
+    would have reached it; like the thread count it is execution, not part of a run's identity (each result
+    records ``denormals``: flushed or kept). It acts on the CPU only: CUDA kernels keep their own rule."""
     if enabled is None:
-        value = os.environ.get(FLUSH_DENORMALS_ENV, "1")
-        if value not in ("0", "1"):
-            raise ValueError(f"${FLUSH_DENORMALS_ENV} must be 1 (flush denormals to zero on the CPU while a run "
-                             f"trains: the default) or 0 (keep them), got {value!r}")
-        enabled = value == "1"
+        enabled = flush_denormals_setting()
+    flush = enabled and torch.get_num_threads() == 1
     before = denormals_flushed()
-    torch.set_flush_denormal(enabled)
+    torch.set_flush_denormal(flush)
     try:
-        yield
+        yield flush
     finally:
         torch.set_flush_denormal(before)
 
@@ -410,7 +419,7 @@ class Experiment:
         """Train one (optimizer, options, seed) run, or load it if it already finished.
 
         Returns ``dict(label, optimizer, options, seed, epochs=[per-epoch metrics],
-        steps=dict(loss, lr, ratio), diverged, seconds, device, torch, extra)``. Trains like
+        steps=dict(loss, lr, ratio), diverged, seconds, device, torch, denormals, extra)``. Trains like
         :meth:`run_all` (progress, executor); trained in this process (``jobs=1``), an error it raises reaches the
         caller as it is, and from a worker or a job as :class:`companion.runner.RunsFailed`."""
         return _execute(self, [(label, optimizer, seed, dict(options))])[0]
@@ -432,8 +441,8 @@ class Experiment:
             config = self.identity(optimizer, seed, **options)
 
         def compute(checkpoint: Path) -> dict:
-            with flushed_denormals():
-                return train_run(checkpoint)
+            with flushed_denormals() as flushed:
+                return dict(train_run(checkpoint), denormals="flushed" if flushed else "kept")
 
         def train_run(checkpoint: Path) -> dict:
             seed_everything(seed)

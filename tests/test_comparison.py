@@ -291,3 +291,41 @@ def test_rate_beyond_edge_refuses_a_factor_that_does_not_widen_and_a_best_rate_o
         C.comparison.rate_beyond_edge([1.0, 2.0], 2.0, 1.0)
     with pytest.raises(ValueError, match="not in the grid"):
         C.comparison.rate_beyond_edge([1.0, 2.0], 3.0, 2.0)
+
+
+def test_widen_grids_adds_rates_outwards_until_each_best_lies_inside_and_trains_only_the_new_ones():
+    def loss(key, lr):  # a valley per key: best at 0.3 (inside at once), 10 (two rounds up), 1e-5 (down: a bound)
+        return {"a": abs(math.log(lr / 0.3)), "b": abs(math.log(lr / 10.0)), "c": abs(math.log(lr / 1e-5))}[key]
+
+    grids = {"a": [0.1, 0.3, 1.0], "b": [0.1, 0.3, 1.0], "c": [0.1, 0.3, 1.0]}
+    scored = {(key, lr) for key in grids for lr in grids[key]}  # the runs so far; a rate not trained scores worst
+    trained = []
+
+    def run_rates(new):
+        trained.append(dict(new))
+        scored.update(new.items())
+
+    best = C.comparison.widen_grids(
+        grids, lambda key: min(grids[key], key=lambda lr: loss(key, lr) if (key, lr) in scored else math.inf),
+        run_rates, factor=math.sqrt(10), times=3)
+    assert best["a"] == 0.3 and best["b"] == pytest.approx(10.0)
+    assert grids["a"] == [0.1, 0.3, 1.0]
+    assert grids["b"] == pytest.approx([0.1, 0.3, 1.0, math.sqrt(10), 10.0, 10 * math.sqrt(10)])
+    assert len(grids["c"]) == 6 and best["c"] == grids["c"][0]  # still on the edge after three rounds: a bound
+    assert [sorted(t) for t in trained] == [["b", "c"], ["b", "c"], ["b", "c"]]
+    assert all(lr not in (0.1, 0.3, 1.0) for t in trained for lr in t.values())  # only new rates train
+
+
+def test_widen_grids_stops_once_every_best_lies_inside():
+    grids = {"a": [1.0, 2.0, 4.0]}
+    trained = []
+    best = C.comparison.widen_grids(grids, lambda key: 8.0 if 8.0 in grids[key] else 4.0,
+                                    lambda new: trained.append(new), factor=2.0, times=5)
+    assert best == {"a": 8.0} and grids["a"] == [1.0, 2.0, 4.0, 8.0, 16.0] and trained == [{"a": 8.0}, {"a": 16.0}]
+
+
+def test_widen_grids_with_no_rounds_only_picks_the_best_and_refuses_a_negative_count():
+    grids = {"a": [0.1, 1.0]}
+    assert C.comparison.widen_grids(grids, lambda key: 1.0, lambda new: pytest.fail("trained"), 10.0, 0) == {"a": 1.0}
+    with pytest.raises(ValueError, match="times must be >= 0"):
+        C.comparison.widen_grids(grids, lambda key: 1.0, lambda new: None, 10.0, -1)

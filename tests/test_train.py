@@ -410,24 +410,39 @@ def recording_classifier():
     return RecordsDenormalMode()
 
 
-@pytest.mark.parametrize("setting, flushed", [(None, True), ("1", True), ("0", False)])
-def test_runs_train_with_denormals_flushed_unless_told_not_to_and_the_setting_is_restored(
-        mnist_like, monkeypatch, setting, flushed):
+@pytest.mark.parametrize("setting, threads, flushed", [(None, 1, True), ("1", 1, True), ("0", 1, False), ("1", 2, False)])
+def test_runs_at_one_thread_train_with_denormals_flushed_unless_told_not_to_and_the_mode_is_restored(
+        mnist_like, monkeypatch, setting, threads, flushed):
+    monkeypatch.delenv(C.train.FLUSH_DENORMALS_ENV, raising=False)
     if setting is not None:
         monkeypatch.setenv(C.train.FLUSH_DENORMALS_ENV, setting)
+    monkeypatch.setenv("LOSSGRAD_THREADS", str(threads))  # more threads: torch's pool would keep its own mode
     torch.set_flush_denormal(False)
     FLUSHED_DURING_FORWARD.clear()
-    exp = Experiment(**dict(identity_base(mnist_like), model_fn=recording_classifier))
-    exp.run("SGD", "sgd", seed=0, lr=0.1)
+    exp = Experiment(**dict(identity_base(mnist_like), model_fn=recording_classifier, jobs=1))
+    result = exp.run("SGD", "sgd", seed=0, lr=0.1)
     assert FLUSHED_DURING_FORWARD and set(FLUSHED_DURING_FORWARD) == {flushed}
-    assert not C.train.denormals_flushed()  # the process's own setting is back
-    torch.set_flush_denormal(True)  # ... whichever it was
+    assert result["denormals"] == ("flushed" if flushed else "kept")
+    assert ("denormals flushed" in C.report.conditions("smoke", [result])) == flushed
+    assert not C.train.denormals_flushed()  # the calling thread's own mode is back
+
+
+def test_the_denormal_mode_before_the_block_comes_back_even_after_an_error():
+    torch.set_flush_denormal(True)
     try:
-        with C.train.flushed_denormals(enabled=False):
-            assert not C.train.denormals_flushed()
+        with pytest.raises(RuntimeError, match="inside"):
+            with C.train.flushed_denormals(enabled=False):
+                assert not C.train.denormals_flushed()
+                raise RuntimeError("inside")
         assert C.train.denormals_flushed()
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_conditions_count_the_runs_that_flushed_denormals():
+    runs = [dict(seed=0, seconds=60.0, denormals="flushed"), dict(seed=1, seconds=60.0, denormals="kept"), dict(seed=2)]
+    assert "denormals flushed in 1 of 3 runs" in C.report.conditions("paper", runs)
+    assert "denormals" not in C.report.conditions("paper", runs[1:])
 
 
 def test_flushing_denormals_is_not_part_of_a_run_identity(mnist_like, monkeypatch):
@@ -438,7 +453,9 @@ def test_flushing_denormals_is_not_part_of_a_run_identity(mnist_like, monkeypatc
     assert exp.run("SGD", "sgd", seed=0, lr=0.1)["config_digest"] == first["config_digest"]
 
 
-def test_a_bad_denormal_setting_is_refused_with_what_to_set(mnist_like, monkeypatch):
+def test_a_bad_denormal_setting_is_refused_with_what_to_set_even_when_every_run_is_stored(mnist_like, monkeypatch):
+    exp = Experiment(**identity_base(mnist_like))
+    exp.run("SGD", "sgd", seed=0, lr=0.1)
     monkeypatch.setenv(C.train.FLUSH_DENORMALS_ENV, "yes")
     with pytest.raises(ValueError, match="LOSSGRAD_FLUSH_DENORMALS must be 1 .* or 0 .*got 'yes'"):
-        Experiment(**identity_base(mnist_like)).run("SGD", "sgd", seed=0, lr=0.1)
+        exp.run("SGD", "sgd", seed=0, lr=0.1)
